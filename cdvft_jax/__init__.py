@@ -1,0 +1,90 @@
+"""cdvft_jax: circulant-and-diagonal-vector fine-tuning (CDVFT) for Flax models.
+
+The public API:
+
+* the math: :func:`cdv_delta`, :func:`cdv_delta_weight` and the general
+  ``2m - 1`` factor :func:`cdv_product_delta` / :func:`cdv_product_weight`,
+  with :func:`cdv_shape`, :func:`cdv_num_params`, :func:`cdv_flops_per_token`;
+* configs: :class:`CDVFTConfig` (and the generic :class:`AdapterConfig`);
+* adapting a model: :func:`inject` -> :class:`AdaptedModel` (``init``,
+  ``split``, ``merge``, ``unmerge``, ``summary``, ``describe``), and
+  :class:`CDVDense` for models you write yourself;
+* training: :func:`adapter_optimizer`, :func:`single_tree_optimizer`,
+  :func:`make_train_step`, :func:`make_eval_step`, :class:`TrainState`;
+* trees: :func:`split_params`, :func:`merge_params`, :func:`count_params`.
+"""
+
+from cdvft_jax.cdv import (
+    CDVShape,
+    block_circulant_apply,
+    block_circulant_matrix,
+    cdv_delta,
+    cdv_delta_weight,
+    cdv_flops_per_token,
+    cdv_num_params,
+    cdv_product_delta,
+    cdv_product_weight,
+    cdv_shape,
+    valid_block_sizes,
+)
+from cdvft_jax.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
+from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
+from cdvft_jax.injection import (
+    AdaptedLayer,
+    AdaptedModel,
+    DenseLayer,
+    TrainableSummary,
+    find_dense_layers,
+    inject,
+)
+from cdvft_jax.layers import CDVDense
+from cdvft_jax.method import AdapterMethod
+from cdvft_jax.params import count_params, merge_params, split_params
+from cdvft_jax.training import (
+    TrainState,
+    adapter_optimizer,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    single_tree_optimizer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CDVFT",
+    "INIT_SCHEMES",
+    "AdaptedLayer",
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterMethod",
+    "CDVDense",
+    "CDVFTConfig",
+    "CDVShape",
+    "DenseLayer",
+    "TrainState",
+    "TrainableSummary",
+    "__version__",
+    "adapter_optimizer",
+    "block_circulant_apply",
+    "block_circulant_matrix",
+    "cdv_delta",
+    "cdv_delta_weight",
+    "cdv_flops_per_token",
+    "cdv_num_params",
+    "cdv_product_delta",
+    "cdv_product_weight",
+    "cdv_shape",
+    "config_from_dict",
+    "config_from_json",
+    "count_params",
+    "find_dense_layers",
+    "init_train_state",
+    "inject",
+    "make_eval_step",
+    "make_train_step",
+    "merge_params",
+    "single_tree_optimizer",
+    "split_params",
+    "valid_block_sizes",
+]

@@ -1,0 +1,308 @@
+"""The circulant-and-diagonal-vector (CDV) operator: pure functions, no Flax.
+
+A CDV delta with ``num_factors = 2m - 1`` alternates ``m`` diagonal factors and
+``m - 1`` block-circulant factors (column-vector form, the paper's notation)::
+
+    dW = D_{m-1} C_{m-1} ... D_1 C_1 D_0
+
+``D_0 = diag(a_in)`` acts on the layer input (length ``d_in``); every later
+diagonal has length ``d_out``; ``C_1`` maps ``d_in -> d_out`` and the later
+circulants ``d_out -> d_out``.  A block-circulant ``C`` with block size ``p`` is
+stored as ``c`` of shape ``(rows // p, cols // p, p)``: block ``(i, j)`` is the
+``p x p`` circulant matrix whose first column is ``c[i, j]``, so it applies to a
+piece ``u`` of the input as ``irfft(rfft(c[i, j]) * rfft(u), n=p)`` and output
+block ``i`` sums over ``j``.
+
+On activations (row vectors, Flax's ``x @ kernel`` convention) the delta is
+``a_out * C(... a_in * x)``.  It is computed with 1-D real FFTs in float32
+whatever the input dtype (XLA has no low-precision FFT) and is never
+materialised; :func:`cdv_delta_weight` builds the dense ``(d_in, d_out)``
+matrix for merging into a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "CDVShape",
+    "block_circulant_apply",
+    "block_circulant_matrix",
+    "cdv_delta",
+    "cdv_delta_weight",
+    "cdv_flops_per_token",
+    "cdv_num_params",
+    "cdv_product_delta",
+    "cdv_product_weight",
+    "cdv_shape",
+    "valid_block_sizes",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def valid_block_sizes(d_in: int, d_out: int) -> list[int]:
+    """Block sizes ``p`` that divide both ``d_in`` and ``d_out``, ascending.
+
+    >>> valid_block_sizes(768, 3072)
+    [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 768]
+    """
+    g = math.gcd(d_in, d_out)
+    return [p for p in range(1, g + 1) if g % p == 0]
+
+
+class CDVShape(NamedTuple):
+    """The resolved shapes of one layer's CDV factors.
+
+    Attributes:
+      d_in: input features of the layer.
+      d_out: output features of the layer.
+      block_size: circulant block size ``p``.
+      num_factors: ``2m - 1`` factors in the product.
+      diagonal_shapes: shape of each of the ``m`` diagonal vectors, input first.
+      circulant_shapes: shape of each of the ``m - 1`` block-circulant tensors.
+    """
+
+    d_in: int
+    d_out: int
+    block_size: int
+    num_factors: int
+    diagonal_shapes: tuple[tuple[int], ...]
+    circulant_shapes: tuple[tuple[int, int, int], ...]
+
+
+def cdv_shape(
+    d_in: int,
+    d_out: int,
+    block_size: int | None = None,
+    num_factors: int = 3,
+    layer: str = "<layer>",
+) -> CDVShape:
+    """Validates a CDV configuration for a ``(d_in, d_out)`` layer and resolves it.
+
+    Args:
+      d_in: input features.
+      d_out: output features.
+      block_size: circulant block size. ``None`` picks ``gcd(d_in, d_out)``:
+        one block for a square layer, the largest common divisor otherwise.
+      num_factors: an odd number ``>= 1`` of alternating factors.
+      layer: the layer's name, quoted in error messages.
+
+    Returns:
+      The :class:`CDVShape` with every factor's shape.
+
+    Raises:
+      ValueError: on a non-positive dimension, an even or non-positive
+        ``num_factors``, a lone diagonal (``num_factors=1``) on a non-square
+        layer, or a block size that does not divide both dimensions (the
+        message lists the valid block sizes).
+
+    >>> cdv_shape(768, 768).circulant_shapes
+    ((1, 1, 768),)
+    """
+    if d_in <= 0 or d_out <= 0:
+        raise ValueError(f"layer {layer!r}: dimensions must be positive, got ({d_in}, {d_out})")
+    if isinstance(num_factors, bool) or not isinstance(num_factors, int):
+        raise ValueError(f"layer {layer!r}: num_factors must be an int, got {num_factors!r}")
+    if num_factors < 1 or num_factors % 2 == 0:
+        raise ValueError(
+            f"layer {layer!r}: num_factors must be odd and >= 1 "
+            f"(diag, circ, diag, ..., diag), got {num_factors}"
+        )
+    if num_factors == 1 and d_in != d_out:
+        raise ValueError(
+            f"layer {layer!r} of shape (d_in={d_in}, d_out={d_out}): num_factors=1 "
+            "(a lone diagonal) is only valid for square layers"
+        )
+    if block_size is None:
+        block_size = math.gcd(d_in, d_out)
+    elif isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(f"layer {layer!r}: block_size must be an int or None, got {block_size!r}")
+    if block_size <= 0 or d_in % block_size or d_out % block_size:
+        raise ValueError(
+            f"layer {layer!r} of shape (d_in={d_in}, d_out={d_out}): block_size={block_size} "
+            f"does not divide both dimensions; valid block sizes: {valid_block_sizes(d_in, d_out)}"
+        )
+    m = (num_factors + 1) // 2
+    p = block_size
+    diagonals = ((d_in,),) + ((d_out,),) * (m - 1)
+    circulants = tuple(
+        (d_out // p, (d_in if k == 0 else d_out) // p, p) for k in range(m - 1)
+    )
+    return CDVShape(d_in, d_out, p, num_factors, diagonals, circulants)
+
+
+def cdv_num_params(shape: CDVShape) -> int:
+    """Trainable parameters of one CDV layer: every diagonal and circulant entry.
+
+    >>> cdv_num_params(cdv_shape(768, 768))  # 3 * 768
+    2304
+    """
+    return sum(math.prod(s) for s in shape.diagonal_shapes + shape.circulant_shapes)
+
+
+def _rfft_flops(n: int) -> float:
+    # Convention: a complex FFT of length n costs 5 n log2 n flops; a real FFT
+    # (forward or inverse) half of that.
+    return 2.5 * n * math.log2(n) if n > 1 else 0.0
+
+
+def cdv_flops_per_token(shape: CDVShape) -> float:
+    """Analytic floating-point operations per token for the forward delta.
+
+    Counting convention: each real FFT or inverse real FFT of length ``p``
+    costs ``2.5 p log2 p``; a complex multiply-add in the frequency domain
+    costs 8 (one complex multiply = 6, accumulate = 2); each diagonal scaling
+    costs one multiply per element.  The spectra ``rfft(c)`` of the circulant
+    weights are computed once per step, not per token, and are not counted.
+    """
+    p = shape.block_size
+    freqs = p // 2 + 1
+    flops = float(sum(s[0] for s in shape.diagonal_shapes))
+    for q_out, q_in, _ in shape.circulant_shapes:
+        flops += q_in * _rfft_flops(p) + q_out * q_in * freqs * 8 + q_out * _rfft_flops(p)
+    return flops
+
+
+def block_circulant_apply(c: jax.Array, u: jax.Array) -> jax.Array:
+    """Applies the block-circulant ``C`` given by ``c`` to row vectors ``u``.
+
+    Args:
+      c: ``(q_out, q_in, p)`` first columns of the circulant blocks.
+      u: ``(..., q_in * p)`` inputs; computed in float32.
+
+    Returns:
+      ``(..., q_out * p)`` float32 outputs, ``(C u^T)^T`` for each row.
+    """
+    q_out, q_in, p = c.shape
+    if u.shape[-1] != q_in * p:
+        raise ValueError(f"input has {u.shape[-1]} features; the circulant expects {q_in * p}")
+    lead = u.shape[:-1]
+    u_spec = jnp.fft.rfft(u.astype(jnp.float32).reshape(*lead, q_in, p), axis=-1)
+    c_spec = jnp.fft.rfft(c.astype(jnp.float32), axis=-1)
+    if q_in == 1 and q_out == 1:
+        y_spec = u_spec * c_spec[0]
+    else:
+        # Summing over input blocks in the frequency domain needs one inverse
+        # FFT per output block instead of one per (output, input) pair.
+        y_spec = jnp.einsum("...jf,ijf->...if", u_spec, c_spec)
+    y = jnp.fft.irfft(y_spec, n=p, axis=-1)
+    return y.reshape(*lead, q_out * p)
+
+
+def block_circulant_matrix(c: jax.Array) -> jax.Array:
+    """The dense ``(q_out * p, q_in * p)`` float32 matrix of a block-circulant.
+
+    Built by gathering, so it is exact (no FFT rounding).
+    """
+    q_out, q_in, p = c.shape
+    k = jnp.arange(p)
+    index = (k[:, None] - k[None, :]) % p  # C[r, s] = c[(r - s) mod p]
+    blocks = c.astype(jnp.float32)[:, :, index]  # (q_out, q_in, p, p)
+    return blocks.transpose(0, 2, 1, 3).reshape(q_out * p, q_in * p)
+
+
+def _check_factors(diagonals: Sequence[jax.Array], circulants: Sequence[jax.Array]) -> None:
+    if len(diagonals) != len(circulants) + 1:
+        raise ValueError(
+            f"a CDV product alternates diagonals and circulants: expected "
+            f"{len(circulants) + 1} diagonals for {len(circulants)} circulants, got {len(diagonals)}"
+        )
+    if any(d.ndim != 1 for d in diagonals):
+        raise ValueError(f"diagonal factors must be vectors, got shapes {[d.shape for d in diagonals]}")
+    if any(c.ndim != 3 for c in circulants):
+        raise ValueError(
+            f"circulant factors must have shape (q_out, q_in, p), got {[c.shape for c in circulants]}"
+        )
+    width = diagonals[0].shape[0]
+    for diag, circ in zip(diagonals[1:], circulants):
+        q_out, q_in, p = circ.shape
+        if q_in * p != width or q_out * p != diag.shape[0]:
+            raise ValueError(
+                f"circulant of shape {circ.shape} maps {q_in * p} -> {q_out * p} features, "
+                f"but sits between diagonals of lengths {width} and {diag.shape[0]}"
+            )
+        width = diag.shape[0]
+
+
+def cdv_product_delta(
+    x: jax.Array,
+    diagonals: Sequence[jax.Array],
+    circulants: Sequence[jax.Array],
+    out_dtype: jnp.dtype | None = None,
+) -> jax.Array:
+    """The delta ``x @ dW`` of a general ``2m - 1`` factor CDV product.
+
+    Args:
+      x: ``(..., d_in)`` activations, any float dtype.
+      diagonals: ``m`` vectors, ``diagonals[0]`` of length ``d_in`` and the
+        others of length ``d_out``.
+      circulants: ``m - 1`` block-circulant tensors ``(q_out, q_in, p)``; the
+        first maps ``d_in -> d_out``, the others ``d_out -> d_out``.
+      out_dtype: dtype of the result; ``None`` means ``x.dtype``.
+
+    Returns:
+      ``(..., d_out)``, computed in float32 and cast to ``out_dtype``.
+    """
+    _check_factors(diagonals, circulants)
+    if x.shape[-1] != diagonals[0].shape[0]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features; the CDV factors expect d_in={diagonals[0].shape[0]}"
+        )
+    h = x.astype(jnp.float32) * diagonals[0].astype(jnp.float32)
+    for diag, circ in zip(diagonals[1:], circulants):
+        h = block_circulant_apply(circ, h) * diag.astype(jnp.float32)
+    return h.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+def cdv_product_weight(
+    diagonals: Sequence[jax.Array], circulants: Sequence[jax.Array]
+) -> jax.Array:
+    """The dense ``(d_in, d_out)`` float32 matrix (Flax kernel layout) of a CDV product.
+
+    ``x @ cdv_product_weight(ds, cs)`` equals ``cdv_product_delta(x, ds, cs)``.
+    """
+    _check_factors(diagonals, circulants)
+    # Row-vector form: x @ W with W = D_0 C_1^T D_1 C_2^T ... D_{m-1}.
+    weight = jnp.diag(diagonals[0].astype(jnp.float32))
+    for diag, circ in zip(diagonals[1:], circulants):
+        weight = jnp.matmul(weight, block_circulant_matrix(circ).T, precision=_HIGHEST)
+        weight = weight * diag.astype(jnp.float32)
+    return weight
+
+
+def cdv_delta(x: jax.Array, a_in: jax.Array, c: jax.Array, a_out: jax.Array) -> jax.Array:
+    """The three-factor CDV delta ``x @ dW`` with ``dW = D_out C D_in`` (paper's form).
+
+    Args:
+      x: ``(..., d_in)`` activations of any float dtype and any leading dims.
+      a_in: ``(d_in,)`` input diagonal.
+      c: ``(d_out // p, d_in // p, p)`` block-circulant first columns.
+      a_out: ``(d_out,)`` output diagonal.
+
+    Returns:
+      ``a_out * C(a_in * x)`` of shape ``(..., d_out)``, computed with float32
+      real FFTs and cast back to ``x.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((2, 4))
+      >>> c = jnp.zeros((1, 1, 4)).at[0, 0, 0].set(1.0)  # identity circulant
+      >>> cdv_delta(x, jnp.full(4, 2.0), c, jnp.full(4, 3.0))[0]
+      Array([6., 6., 6., 6.], dtype=float32)
+    """
+    return cdv_product_delta(x, (a_in, a_out), (c,))
+
+
+def cdv_delta_weight(a_in: jax.Array, c: jax.Array, a_out: jax.Array) -> jax.Array:
+    """The ``(d_in, d_out)`` float32 matrix of :func:`cdv_delta` in Flax kernel layout.
+
+    ``x @ cdv_delta_weight(a_in, c, a_out) == cdv_delta(x, a_in, c, a_out)``
+    up to float32 rounding.
+    """
+    return cdv_product_weight((a_in, a_out), (c,))

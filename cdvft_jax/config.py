@@ -1,0 +1,206 @@
+"""Adapter configuration shared by every method: which layers, which head, overrides.
+
+Each adapter method subclasses :class:`AdapterConfig` with its own fields (see
+``CDVFTConfig``) and registers under a ``method`` name, which is how a JSON file
+finds its way back to the right class.
+
+Module paths are the Flax scope paths joined with ``/``, e.g.
+``roberta/encoder/layer/0/attention/self/query``.  A pattern list matches by
+suffix on whole path segments (``"query"`` and ``"self/query"`` both match the
+path above; ``"uery"`` does not); a single string is a regular expression that
+must match the full path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from cdvft_jax.method import AdapterMethod
+
+__all__ = [
+    "AdapterConfig",
+    "ModulePatterns",
+    "config_from_dict",
+    "config_from_json",
+    "matches",
+    "matches_within",
+]
+
+ModulePatterns = str | Sequence[str]
+"""A regex (full match on the module path) or a list of path suffixes."""
+
+_REGISTRY: dict[str, type[AdapterConfig]] = {}
+
+# Fields that choose modules; the rest may be overridden per layer.
+_SELECTION_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "overrides")
+
+
+def _normalize_patterns(value: ModulePatterns | None, field: str) -> str | tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{field}: {value!r} is not a valid regular expression: {e}") from e
+        return value
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{field} must be a regex string or a list of non-empty strings, got {value!r}")
+    return tuple(v.replace(".", "/").strip("/") for v in value)
+
+
+def matches(path: str, patterns: str | tuple[str, ...]) -> bool:
+    """Whether the ``/``-joined module ``path`` is selected by ``patterns``.
+
+    >>> matches("encoder/layer/0/attention/self/query", ("query", "value"))
+    True
+    >>> matches("encoder/layer/0/attention/self/query", r".*layer/1/.*query")
+    False
+    """
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    return any(path == p or path.endswith("/" + p) for p in patterns)
+
+
+def matches_within(path: str, patterns: str | tuple[str, ...]) -> bool:
+    """Whether ``path`` or one of its ancestor paths is selected by ``patterns``.
+
+    >>> matches_within("classifier/dense/kernel", ("classifier",))
+    True
+    """
+    parts = path.split("/")
+    return any(matches("/".join(parts[:k]), patterns) for k in range(1, len(parts) + 1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Fields common to every adapter method.
+
+    Attributes:
+      target_modules: the ``nn.Dense`` layers to adapt: a list of path
+        suffixes or a full-match regex.
+      exclude_modules: layers never adapted even if targeted (same syntax).
+      modules_to_save: modules trained in full, e.g. ``["classifier"]`` for the
+        task head; a parameter is in one of them when any of its ancestor
+        module paths matches.  A target inside one of them is an error.
+      alpha: scale of the adapter's delta.
+      overrides: per-layer changes, ``{regex: {field: value}}``; the regex must
+        match the full module path, and later entries win.  Any method field
+        (and ``alpha``) may be overridden, the selection fields may not.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: ModulePatterns
+    exclude_modules: ModulePatterns = ()
+    modules_to_save: ModulePatterns = ()
+    alpha: float = 1.0
+    overrides: Mapping[str, Mapping[str, Any]] | tuple = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            _REGISTRY[cls.method] = cls
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise in place once
+        targets = _normalize_patterns(self.target_modules, "target_modules")
+        if not targets:
+            raise ValueError("target_modules is empty: name at least one layer to adapt")
+        set_(self, "target_modules", targets)
+        set_(self, "exclude_modules", _normalize_patterns(self.exclude_modules, "exclude_modules"))
+        set_(self, "modules_to_save", _normalize_patterns(self.modules_to_save, "modules_to_save"))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        set_(self, "alpha", float(self.alpha))
+        set_(self, "overrides", self._normalize_overrides(self.overrides))
+
+    def _normalize_overrides(self, overrides: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+        items = overrides.items() if isinstance(overrides, Mapping) else overrides
+        allowed = {f.name for f in dataclasses.fields(self)} - set(_SELECTION_FIELDS)
+        normalized = []
+        for pattern, changes in items:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"overrides: {pattern!r} is not a valid regular expression: {e}") from e
+            changes = dict(changes)
+            unknown = sorted(set(changes) - allowed)
+            if unknown:
+                raise ValueError(
+                    f"overrides[{pattern!r}]: cannot override {unknown}; allowed fields: {sorted(allowed)}"
+                )
+            # Validate the values now rather than at the first matching layer.
+            dataclasses.replace(self, overrides=(), **changes)
+            normalized.append((pattern, tuple(sorted(changes.items()))))
+        return tuple(normalized)
+
+    def layer_config(self, path: str) -> AdapterConfig:
+        """This config with the overrides whose pattern matches ``path`` applied."""
+        changes: dict[str, Any] = {}
+        for pattern, items in self.overrides:
+            if re.fullmatch(pattern, path):
+                changes.update(items)
+        return dataclasses.replace(self, overrides=(), **changes) if changes else self
+
+    def is_target(self, path: str) -> bool:
+        """Whether the layer at ``path`` is targeted and not excluded."""
+        return matches(path, self.target_modules) and not matches(path, self.exclude_modules)
+
+    def in_modules_to_save(self, path: str) -> bool:
+        """Whether ``path`` (a module or parameter path) lies in a module trained in full."""
+        return bool(self.modules_to_save) and matches_within(path, self.modules_to_save)
+
+    @property
+    def adapter_method(self) -> AdapterMethod:
+        """The method's pure functions (see :class:`~cdvft_jax.method.AdapterMethod`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its adapter method")
+
+    @property
+    def scaling(self) -> float:
+        """The factor applied to the method's delta; ``alpha`` unless a method says otherwise."""
+        return self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, ``method`` first; inverse of :func:`config_from_dict`."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "overrides":
+                value = {pattern: dict(items) for pattern, items in value}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
+    """Rebuilds a config from :meth:`AdapterConfig.to_dict` output.
+
+    Raises:
+      ValueError: if ``method`` is missing or unknown, or a key is not a field.
+    """
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown adapter method {method!r}; known methods: {sorted(_REGISTRY)}")
+    cls = _REGISTRY[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}; its fields are {sorted(fields)}")
+    return cls(**data)
+
+
+def config_from_json(text: str) -> AdapterConfig:
+    """Rebuilds a config from :meth:`AdapterConfig.to_json` output."""
+    return config_from_dict(json.loads(text))

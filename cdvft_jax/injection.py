@@ -1,0 +1,372 @@
+"""Adapting unmodified Flax models, Hugging Face's included, with method interception.
+
+:func:`inject` runs the model once abstractly (``jax.eval_shape``, nothing is
+allocated) to find every ``nn.Dense`` layer and its shape, matches them against
+the config and returns an :class:`AdaptedModel`.  Calling the adapted model runs
+the original model under :func:`flax.linen.intercept_methods`: each targeted
+``nn.Dense`` computes its usual output and adds ``scaling * delta(x)``, reading
+the adapter leaves from its own scope (``.../query/cdv_a_in`` beside
+``.../query/kernel``).  The model's code is never edited, so gradient
+checkpointing (``nn.remat``) and reduced-precision compute keep working.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from transformers import BertConfig, FlaxBertForSequenceClassification
+  >>> import cdvft_jax
+  >>> model = FlaxBertForSequenceClassification(BertConfig(
+  ...     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+  ...     intermediate_size=37))
+  >>> adapted = cdvft_jax.inject(model, cdvft_jax.CDVFTConfig(modules_to_save=["classifier"]))
+  >>> params = adapted.init(jax.random.key(0), model.params)
+  >>> trainable, frozen = adapted.split(params)
+  >>> ids = jnp.ones((1, 8), jnp.int32)
+  >>> bool(jnp.array_equal(adapted(ids, params=params).logits, model(ids).logits))
+  True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdvft_jax.config import AdapterConfig, matches, matches_within
+from cdvft_jax.params import count_params, flat_params, merge_params, split_params, unflat_params
+
+__all__ = ["AdaptedLayer", "AdaptedModel", "DenseLayer", "TrainableSummary", "find_dense_layers", "inject"]
+
+Params = Mapping[str, Any]
+
+
+class DenseLayer(NamedTuple):
+    """An ``nn.Dense`` layer seen in a model: its module path and shape."""
+
+    path: str
+    d_in: int
+    d_out: int
+
+
+class AdaptedLayer(NamedTuple):
+    """A layer that carries an adapter.
+
+    Attributes:
+      path: module path, ``/``-joined.
+      d_in: input features.
+      d_out: output features.
+      config: the config with this layer's overrides applied.
+      param_shapes: ``{leaf name: shape}`` of its adapter parameters.
+    """
+
+    path: str
+    d_in: int
+    d_out: int
+    config: AdapterConfig
+    param_shapes: Mapping[str, tuple[int, ...]]
+
+
+class TrainableSummary(NamedTuple):
+    """Parameter counts of an adapted model."""
+
+    adapter: int
+    modules_to_save: int
+    frozen: int
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter + self.modules_to_save
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return (
+            f"trainable params: {self.trainable:,} (adapter {self.adapter:,} + "
+            f"modules_to_save {self.modules_to_save:,}) || all params: {self.total:,} "
+            f"|| trainable%: {share:.4f}"
+        )
+
+
+class AdapterLayerMarker:
+    """Mixin for modules that carry their own adapter; injection leaves them alone."""
+
+
+def _is_plain_dense(module: nn.Module) -> bool:
+    return isinstance(module, nn.Dense) and not isinstance(module, AdapterLayerMarker)
+
+
+def _dense_input(args: tuple, kwargs: dict) -> jax.Array:
+    return args[0] if args else kwargs["inputs"]
+
+
+def find_dense_layers(init_fn: Callable[[], Params]) -> tuple[dict[str, DenseLayer], dict[str, Any]]:
+    """Runs ``init_fn`` abstractly and records every ``nn.Dense`` call.
+
+    Args:
+      init_fn: a zero-argument function that runs the model (typically its
+        ``init``) and returns its params tree.
+
+    Returns:
+      ``({path: DenseLayer}, {param path: ShapeDtypeStruct})`` in call order.
+    """
+    found: dict[str, DenseLayer] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and _is_plain_dense(module):
+            path = "/".join(module.path)
+            found.setdefault(path, DenseLayer(path, _dense_input(args, kwargs).shape[-1], module.features))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        shapes = jax.eval_shape(init_fn)
+    return found, flat_params(shapes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaptedModel:
+    """An unmodified Flax model plus adapters on the layers a config selects.
+
+    Build it with :func:`inject`.  Parameters live in one nested tree (the
+    base model's plus the adapter leaves); :meth:`split` separates the
+    trainable part from the frozen one for training.
+
+    Attributes:
+      config: the adapter config.
+      apply_fn: calls the unmodified model, ``apply_fn(*args, params=..., **kwargs)``.
+      dense_layers: every ``nn.Dense`` layer in the model, by path.
+      layers: the adapted layers, by path.
+      base_shapes: ``{param path: ShapeDtypeStruct}`` of the base model.
+    """
+
+    config: AdapterConfig
+    apply_fn: Callable[..., Any]
+    dense_layers: Mapping[str, DenseLayer]
+    layers: Mapping[str, AdaptedLayer]
+    base_shapes: Mapping[str, Any]
+
+    @property
+    def method(self):
+        """The :class:`~cdvft_jax.method.AdapterMethod` of the config."""
+        return self.config.adapter_method
+
+    def _interceptor(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not _is_plain_dense(module):
+            return next_fun(*args, **kwargs)
+        layer = self.layers.get("/".join(module.path))
+        if layer is None:
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        missing = [n for n in layer.param_shapes if not module.has_variable("params", n)]
+        if missing:
+            raise ValueError(
+                f"layer {layer.path!r} is adapted but its params have no {missing}; "
+                "build params with AdaptedModel.init(key, base_params) or load an adapter"
+            )
+        leaves = {n: module.get_variable("params", n) for n in layer.param_shapes}
+        delta = self.method.delta(leaves, _dense_input(args, kwargs), layer.config)
+        return y + (layer.config.scaling * delta).astype(y.dtype)
+
+    @contextlib.contextmanager
+    def intercept(self) -> Iterator[None]:
+        """Context in which every call of the model's modules is adapted.
+
+        Use it to adapt a call that :meth:`__call__` does not cover, e.g.
+        ``module.apply`` with extra variable collections.
+        """
+        with nn.intercept_methods(self._interceptor):
+            yield
+
+    def __call__(self, *args: Any, params: Params, **kwargs: Any) -> Any:
+        """Runs the adapted model: ``apply_fn(*args, params=params, **kwargs)`` under interception."""
+        with self.intercept():
+            return self.apply_fn(*args, params=params, **kwargs)
+
+    def init_adapter(self, key: jax.Array) -> dict:
+        """A tree holding only the adapter leaves, initialised by the config's scheme.
+
+        Each layer's key is ``fold_in(key, crc32(path))``, so a layer's
+        initial values do not depend on which other layers are adapted.
+        """
+        flat = {}
+        for path, layer in self.layers.items():
+            layer_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
+            leaves = self.method.init(layer_key, layer.d_in, layer.d_out, layer.config, path)
+            flat.update({f"{path}/{name}": value for name, value in leaves.items()})
+        return unflat_params(flat)
+
+    def init(self, key: jax.Array, base_params: Params) -> dict:
+        """``base_params`` plus freshly initialised adapter leaves, in one tree.
+
+        Raises:
+          ValueError: if ``base_params`` does not fit the model the adapter
+            was injected into, or already holds adapter leaves.
+        """
+        self._check_base(base_params)
+        return merge_params(base_params, self.init_adapter(key))
+
+    def _check_base(self, base_params: Params) -> None:
+        flat = flat_params(base_params)
+        for path, layer in self.layers.items():
+            kernel = flat.get(f"{path}/kernel")
+            if kernel is None or tuple(kernel.shape) != (layer.d_in, layer.d_out):
+                got = None if kernel is None else tuple(kernel.shape)
+                raise ValueError(
+                    f"base params do not fit the injected model: {path}/kernel should have shape "
+                    f"{(layer.d_in, layer.d_out)}, got {got}"
+                )
+        present = sorted(p for p in flat if self.is_adapter_leaf(p))
+        if present:
+            raise ValueError(f"base params already hold adapter leaves, e.g. {present[:3]}")
+
+    def is_adapter_leaf(self, path: str) -> bool:
+        """Whether the parameter at ``path`` is an adapter leaf of an adapted layer."""
+        module_path, _, name = path.rpartition("/")
+        layer = self.layers.get(module_path)
+        return layer is not None and name in layer.param_shapes
+
+    def is_trainable(self, path: str) -> bool:
+        """Adapter leaves and everything inside ``modules_to_save`` train; the rest is frozen."""
+        return self.is_adapter_leaf(path) or self.config.in_modules_to_save(path)
+
+    def split(self, params: Params) -> tuple[dict, dict]:
+        """``(trainable, frozen)``: disjoint trees; ``merge_params`` joins them back."""
+        return split_params(params, self.is_trainable)
+
+    def adapter_params(self, params: Params) -> dict:
+        """Only the adapter leaves of ``params``."""
+        return split_params(params, self.is_adapter_leaf)[0]
+
+    def summary(self, params: Params) -> TrainableSummary:
+        """Counts of adapter, ``modules_to_save`` and frozen parameters in ``params``."""
+        adapter, rest = split_params(params, self.is_adapter_leaf)
+        saved, frozen = split_params(rest, self.config.in_modules_to_save)
+        return TrainableSummary(count_params(adapter), count_params(saved), count_params(frozen))
+
+    def print_trainable_parameters(self, params: Params) -> None:
+        """Prints :meth:`summary` in the familiar one-line form."""
+        print(self.summary(params))
+
+    def describe(self) -> str:
+        """A table of every ``nn.Dense`` layer: shape, whether adapted and why not."""
+        rows = [("module", "d_in x d_out", "status")]
+        for path, dense in self.dense_layers.items():
+            if path in self.layers:
+                status = f"adapted ({self.method.num_params(dense.d_in, dense.d_out, self.layers[path].config, path):,} params)"
+            elif self.config.in_modules_to_save(path):
+                status = "in modules_to_save (trained in full)"
+            elif matches(path, self.config.target_modules):
+                status = "excluded"
+            else:
+                status = "frozen"
+            rows.append((path, f"{dense.d_in} x {dense.d_out}", status))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+    def merge(self, params: Params) -> dict:
+        """Base params with ``scaling * dW`` folded into each adapted kernel; adapter leaves removed.
+
+        The result runs on the unmodified model (no interception) at no extra
+        cost and gives the adapted model's outputs.  Folding is done in
+        float32 and cast to each kernel's dtype.
+        """
+        from cdvft_jax.merge import fold_adapters
+
+        return fold_adapters(self, params, sign=1.0, keep_adapter=False)
+
+    def unmerge(self, merged_params: Params, adapter_params: Params) -> dict:
+        """Inverse of :meth:`merge`: subtracts the deltas and puts the adapter leaves back."""
+        from cdvft_jax.merge import fold_adapters
+
+        return fold_adapters(self, merge_params(merged_params, adapter_params), sign=-1.0, keep_adapter=True)
+
+
+def _is_hf_model(model: Any) -> bool:
+    return all(hasattr(model, a) for a in ("module", "init_weights", "input_shape", "config"))
+
+
+def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs: Any) -> AdaptedModel:
+    """Finds the layers ``config`` selects in ``model`` and returns the :class:`AdaptedModel`.
+
+    Args:
+      model: a Hugging Face ``FlaxPreTrainedModel`` (its own ``init_weights``
+        is traced), or a ``flax.linen.Module`` together with sample inputs
+        for its ``init``.
+      config: an adapter config, e.g. :class:`~cdvft_jax.CDVFTConfig`.
+      *sample_args: sample positional inputs (linen modules only).
+      **sample_kwargs: sample keyword inputs (linen modules only).
+
+    Raises:
+      ValueError: when a target pattern matches no ``nn.Dense`` layer, a
+        target lies inside ``modules_to_save``, a ``modules_to_save`` pattern
+        matches no parameter, or the config does not fit a layer's shape.
+    """
+    if _is_hf_model(model):
+        if sample_args or sample_kwargs:
+            raise ValueError("sample inputs are only needed for linen modules, not Hugging Face models")
+
+        def init_fn():
+            return model.init_weights(jax.random.PRNGKey(0), model.input_shape)
+
+        apply_fn = model.__call__
+    elif isinstance(model, nn.Module):
+        if not (sample_args or sample_kwargs):
+            raise ValueError("inject(module, config, *sample_inputs): a linen module needs sample inputs")
+
+        def init_fn():
+            return model.init(jax.random.PRNGKey(0), *sample_args, **sample_kwargs)["params"]
+
+        def apply_fn(*args, params, **kwargs):
+            return model.apply({"params": params}, *args, **kwargs)
+    else:
+        raise TypeError(f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}")
+
+    dense_layers, base_shapes = find_dense_layers(init_fn)
+    _check_selection(config, dense_layers, base_shapes)
+    layers = {}
+    for path, dense in dense_layers.items():
+        if config.is_target(path):
+            layer_config = config.layer_config(path)
+            shapes = layer_config.adapter_method.param_shapes(dense.d_in, dense.d_out, layer_config, path)
+            layers[path] = AdaptedLayer(path, dense.d_in, dense.d_out, layer_config, shapes)
+    return AdaptedModel(config, apply_fn, dense_layers, layers, base_shapes)
+
+
+def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
+    """A regex stays whole; a suffix list is split into single-suffix lists."""
+    return [patterns] if isinstance(patterns, str) else [(p,) for p in patterns]
+
+
+def _check_selection(config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping) -> None:
+    seen = list(dense_layers)
+    examples = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
+    for probe in _one_by_one(config.target_modules):
+        if not any(matches(p, probe) for p in seen):
+            entry = probe if isinstance(probe, str) else probe[0]
+            raise ValueError(
+                f"target_modules entry {entry!r} matches no nn.Dense layer; the model's Dense layers are: {examples}"
+            )
+    targets = [p for p in seen if config.is_target(p)]
+    if not targets:
+        raise ValueError(
+            f"every layer matched by target_modules is excluded by exclude_modules {config.exclude_modules!r}"
+        )
+    inside = [p for p in targets if config.in_modules_to_save(p)]
+    if inside:
+        raise ValueError(
+            f"target layers {inside[:4]} lie inside modules_to_save {config.modules_to_save!r}; "
+            "a module is either adapted or trained in full, not both"
+        )
+    module_paths = {p.rpartition("/")[0] for p in base_shapes}
+    for probe in _one_by_one(config.modules_to_save):
+        if not any(matches_within(m, probe) for m in module_paths):
+            entry = probe if isinstance(probe, str) else probe[0]
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
