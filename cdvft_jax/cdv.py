@@ -131,9 +131,7 @@ def cdv_shape(
     m = (num_factors + 1) // 2
     p = block_size
     diagonals = ((d_in,),) + ((d_out,),) * (m - 1)
-    circulants = tuple(
-        (d_out // p, (d_in if k == 0 else d_out) // p, p) for k in range(m - 1)
-    )
+    circulants = tuple((d_out // p, (d_in if k == 0 else d_out) // p, p) for k in range(m - 1))
     return CDVShape(d_in, d_out, p, num_factors, diagonals, circulants)
 
 
@@ -220,7 +218,7 @@ def _check_factors(diagonals: Sequence[jax.Array], circulants: Sequence[jax.Arra
             f"circulant factors must have shape (q_out, q_in, p), got {[c.shape for c in circulants]}"
         )
     width = diagonals[0].shape[0]
-    for diag, circ in zip(diagonals[1:], circulants):
+    for diag, circ in zip(diagonals[1:], circulants, strict=True):
         q_out, q_in, p = circ.shape
         if q_in * p != width or q_out * p != diag.shape[0]:
             raise ValueError(
@@ -251,18 +249,14 @@ def cdv_product_delta(
     """
     _check_factors(diagonals, circulants)
     if x.shape[-1] != diagonals[0].shape[0]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features; the CDV factors expect d_in={diagonals[0].shape[0]}"
-        )
+        raise ValueError(f"x has {x.shape[-1]} features; the CDV factors expect d_in={diagonals[0].shape[0]}")
     h = x.astype(jnp.float32) * diagonals[0].astype(jnp.float32)
-    for diag, circ in zip(diagonals[1:], circulants):
+    for diag, circ in zip(diagonals[1:], circulants, strict=True):
         h = block_circulant_apply(circ, h) * diag.astype(jnp.float32)
     return h.astype(x.dtype if out_dtype is None else out_dtype)
 
 
-def cdv_product_weight(
-    diagonals: Sequence[jax.Array], circulants: Sequence[jax.Array]
-) -> jax.Array:
+def cdv_product_weight(diagonals: Sequence[jax.Array], circulants: Sequence[jax.Array]) -> jax.Array:
     """The dense ``(d_in, d_out)`` float32 matrix (Flax kernel layout) of a CDV product.
 
     ``x @ cdv_product_weight(ds, cs)`` equals ``cdv_product_delta(x, ds, cs)``.
@@ -270,7 +264,7 @@ def cdv_product_weight(
     _check_factors(diagonals, circulants)
     # Row-vector form: x @ W with W = D_0 C_1^T D_1 C_2^T ... D_{m-1}.
     weight = jnp.diag(diagonals[0].astype(jnp.float32))
-    for diag, circ in zip(diagonals[1:], circulants):
+    for diag, circ in zip(diagonals[1:], circulants, strict=True):
         weight = jnp.matmul(weight, block_circulant_matrix(circ).T, precision=_HIGHEST)
         weight = weight * diag.astype(jnp.float32)
     return weight

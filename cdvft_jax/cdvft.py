@@ -64,8 +64,10 @@ class CDVFTConfig(AdapterConfig):
             isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0
         ):
             raise ValueError(f"block_size must be a positive int or None, got {self.block_size!r}")
-        if isinstance(self.num_factors, bool) or not isinstance(self.num_factors, int) or (
-            self.num_factors < 1 or self.num_factors % 2 == 0
+        if (
+            isinstance(self.num_factors, bool)
+            or not isinstance(self.num_factors, int)
+            or (self.num_factors < 1 or self.num_factors % 2 == 0)
         ):
             raise ValueError(f"num_factors must be an odd int >= 1, got {self.num_factors!r}")
         super().__post_init__()
@@ -102,7 +104,9 @@ def _shape(d_in: int, d_out: int, config: CDVFTConfig, layer: str) -> cdv.CDVSha
 def param_shapes(d_in: int, d_out: int, config: CDVFTConfig, layer: str = "<layer>") -> dict:
     shape = _shape(d_in, d_out, config, layer)
     diag_names, circ_names = _factor_names(config.num_factors)
-    return dict(zip(diag_names, shape.diagonal_shapes)) | dict(zip(circ_names, shape.circulant_shapes))
+    return dict(zip(diag_names, shape.diagonal_shapes, strict=True)) | dict(
+        zip(circ_names, shape.circulant_shapes, strict=True)
+    )
 
 
 def init(key: jax.Array, d_in: int, d_out: int, config: CDVFTConfig, layer: str = "<layer>") -> dict:
@@ -111,7 +115,7 @@ def init(key: jax.Array, d_in: int, d_out: int, config: CDVFTConfig, layer: str 
     p = shape.block_size
     keys = iter(jax.random.split(key, len(diag_names) + len(circ_names)))
     params = {}
-    for name, s in zip(diag_names, shape.diagonal_shapes):
+    for name, s in zip(diag_names, shape.diagonal_shapes, strict=True):
         k = next(keys)
         if config.init == "random":
             params[name] = jax.random.normal(k, s, jnp.float32)
@@ -119,7 +123,7 @@ def init(key: jax.Array, d_in: int, d_out: int, config: CDVFTConfig, layer: str 
             params[name] = jnp.zeros(s, jnp.float32)
         else:
             params[name] = jnp.ones(s, jnp.float32)
-    for name, s in zip(circ_names, shape.circulant_shapes):
+    for name, s in zip(circ_names, shape.circulant_shapes, strict=True):
         k = next(keys)
         if config.init == "identity":
             q_out, q_in, _ = s

@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cdvft_jax.config import AdapterConfig, matches, matches_within
 from cdvft_jax.params import count_params, flat_params, merge_params, split_params, unflat_params
@@ -260,7 +259,8 @@ class AdaptedModel:
         rows = [("module", "d_in x d_out", "status")]
         for path, dense in self.dense_layers.items():
             if path in self.layers:
-                status = f"adapted ({self.method.num_params(dense.d_in, dense.d_out, self.layers[path].config, path):,} params)"
+                count = self.method.num_params(dense.d_in, dense.d_out, self.layers[path].config, path)
+                status = f"adapted ({count:,} params)"
             elif self.config.in_modules_to_save(path):
                 status = "in modules_to_save (trained in full)"
             elif matches(path, self.config.target_modules):
@@ -269,7 +269,7 @@ class AdaptedModel:
                 status = "frozen"
             rows.append((path, f"{dense.d_in} x {dense.d_out}", status))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
     def merge(self, params: Params) -> dict:
         """Base params with ``scaling * dW`` folded into each adapted kernel; adapter leaves removed.
@@ -327,7 +327,9 @@ def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs
         def apply_fn(*args, params, **kwargs):
             return model.apply({"params": params}, *args, **kwargs)
     else:
-        raise TypeError(f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}"
+        )
 
     dense_layers, base_shapes = find_dense_layers(init_fn)
     _check_selection(config, dense_layers, base_shapes)
@@ -345,14 +347,17 @@ def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
     return [patterns] if isinstance(patterns, str) else [(p,) for p in patterns]
 
 
-def _check_selection(config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping) -> None:
+def _check_selection(
+    config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping
+) -> None:
     seen = list(dense_layers)
     examples = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
     for probe in _one_by_one(config.target_modules):
         if not any(matches(p, probe) for p in seen):
             entry = probe if isinstance(probe, str) else probe[0]
             raise ValueError(
-                f"target_modules entry {entry!r} matches no nn.Dense layer; the model's Dense layers are: {examples}"
+                f"target_modules entry {entry!r} matches no nn.Dense layer; "
+                f"the model's Dense layers are: {examples}"
             )
     targets = [p for p in seen if config.is_target(p)]
     if not targets:

@@ -50,6 +50,7 @@ class CDVDense(nn.Dense, AdapterLayerMarker):
             alpha=self.alpha,
             init=self.init_scheme,
         )
+
         def init_leaf(key: jax.Array, name: str) -> jax.Array:
             return CDVFT.init(key, d_in, self.features, config, layer)[name]
 

@@ -38,7 +38,7 @@ def fold_adapters(adapted: AdaptedModel, params: Mapping[str, Any], sign: float,
     flat = flat_params(params)
     for path, layer in adapted.layers.items():
         names = [f"{path}/{n}" for n in layer.param_shapes]
-        missing = [n for n in names + [f"{path}/kernel"] if n not in flat]
+        missing = [n for n in [*names, f"{path}/kernel"] if n not in flat]
         if missing:
             raise ValueError(f"cannot fold layer {path!r}: params lack {missing}")
         leaves = {n: flat[f"{path}/{n}"] for n in layer.param_shapes}
