@@ -153,7 +153,13 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    """A :class:`TrainState` at step 0."""
+    """A :class:`TrainState` at step 0 holding a *copy* of ``trainable``.
+
+    The train step donates its state, and split trees share their arrays
+    with the tree they came from (e.g. a Hugging Face model's ``params``);
+    copying keeps the first step from deleting the caller's arrays.
+    """
+    trainable = jax.tree.map(jax.numpy.copy, trainable)
     return TrainState(jax.numpy.zeros((), jax.numpy.int32), trainable, optimizer.init(trainable))
 
 
@@ -176,7 +182,7 @@ def make_train_step(
       donate: donate the old state's buffers to the new one.
 
     Returns:
-      The jitted step; ``metrics`` holds ``loss`` and ``grad_norm``.
+      The jitted step; ``metrics`` holds ``loss``.
     """
 
     def train_step(state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
@@ -186,8 +192,9 @@ def make_train_step(
         loss, grads = jax.value_and_grad(objective)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, trainable, opt_state), metrics
+        # Only the loss is reported: a gradient norm over a single params tree
+        # would read every frozen gradient and keep XLA from pruning them.
+        return TrainState(state.step + 1, trainable, opt_state), {"loss": loss}
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 

@@ -1,0 +1,420 @@
+"""Wall-clock time and peak memory of one jitted train step, CDVFT against its baselines.
+
+What is measured
+----------------
+One full training step -- forward, backward, AdamW update, all inside the one
+``jit`` that :func:`cdvft_jax.make_train_step` builds -- of a randomly
+initialised RoBERTa-base-shaped ``FlaxRobertaForSequenceClassification``
+(hidden 768, 12 layers, 12 heads, intermediate 3072, vocab 50265, 2 labels) on a
+fixed random batch (16 x 128 tokens by default), softmax cross-entropy loss.
+Dropout is off (``train=False``), so every method runs the same forward pass
+and differs only in which parameters are trainable:
+
+* ``full``: every parameter trainable (the frozen tree is empty);
+* ``head``: only ``classifier/...`` trainable; the backward pass stops at the head;
+* ``floor``: ``classifier/...`` plus ``roberta/embeddings/LayerNorm/...``
+  trainable.  The gradient has to travel back through every encoder layer to
+  reach the embedding LayerNorm, but no weight gradient of any encoder layer is
+  computed;
+* ``cdvft``: CDVFT adapters on ``query`` and ``value`` of every layer plus the
+  classifier, via :func:`cdvft_jax.inject` and :func:`cdvft_jax.adapter_optimizer`.
+
+Why the floor matters
+---------------------
+Any adapter placed in every layer needs the activation gradient of every
+layer, so no such method can be cheaper than ``floor``: it is the backward
+pass with the weight gradients taken out.  ``ratio to floor`` therefore shows
+what an adapter really costs on top of the unavoidable, and ``full`` shows
+what adapting saves; ``head`` (no backward through the encoder) is a lower
+bound no per-layer method can reach.
+
+Protocol
+--------
+All methods share one model (built once with ``_do_init=True``) and one batch.
+Each method is compiled and run for two warm-up steps first.  Then ``--repeats``
+rounds follow; each round runs one step of every method, in an order rotated
+by one each round, so slow drifts of the machine (frequency, other load) fall
+on every method alike.  A step is timed with ``time.perf_counter`` around the
+call and ``jax.block_until_ready`` on its outputs; each method's train state
+is threaded through its own steps (the step donates its state).  The table
+gives the median, min and max milliseconds per step.
+
+Peak RSS (``ru_maxrss``, in MiB) is measured per method in a fresh subprocess
+(``python -m benchmarks.step_time --rss-only METHOD``) that builds the model,
+compiles and runs three steps of that method alone; it includes the base
+model's weights and the compiler's own memory, which every method pays alike.
+
+Running it
+----------
+From the repository root::
+
+    python -m benchmarks.step_time                      # full size, many minutes on few cores
+    python -m benchmarks.step_time --small --repeats 3  # tiny model, a smoke run in seconds
+    python -m benchmarks.step_time --methods floor,cdvft --no-rss --json out.json
+
+Progress goes to stderr, the markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
+
+import cdvft_jax
+from cdvft_jax import CDVFTConfig, TrainState
+
+METHODS = ("full", "head", "floor", "cdvft")
+SEED = 0
+LEARNING_RATE = 1e-5  # plain AdamW of full / head / floor
+ADAPTER_LEARNING_RATE = 5e-2
+HEAD_LEARNING_RATE = 5e-3
+WEIGHT_DECAY = 0.01  # the same for every method, so every optimizer does the same work per leaf
+WARMUP_STEPS = 2
+RSS_STEPS = 3
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Linux keeps ru_maxrss across exec: a child forked straight from this process (hundreds of MB
+# after importing jax and building the model) would report at least this process's RSS at the
+# fork.  A bare Python in between forks the measured child, so its peak is its own.
+RSS_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+Params = Mapping[str, Any]
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Params, Batch, jax.Array], jax.Array]
+
+# Which leaves train, by ``/``-joined path, for the methods that are not adapters.
+TRAINABLE: dict[str, Callable[[str], bool]] = {
+    "full": lambda path: True,
+    "head": lambda path: path.startswith("classifier/"),
+    "floor": lambda path: path.startswith(("classifier/", "roberta/embeddings/LayerNorm/")),
+}
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries only the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def model_config(small: bool) -> RobertaConfig:
+    """RoBERTa-base's shape (``RobertaConfig`` defaults), or a tiny one for smoke runs."""
+    if small:
+        return RobertaConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=2,
+        )
+    return RobertaConfig(num_labels=2)
+
+
+def build_model(small: bool) -> FlaxRobertaForSequenceClassification:
+    """A randomly initialised model with its params (``_do_init=True``), seed :data:`SEED`."""
+    return FlaxRobertaForSequenceClassification(model_config(small), seed=SEED, _do_init=True)
+
+
+def make_batch(vocab_size: int, batch: int, seq_len: int) -> Batch:
+    """Random token ids (no special tokens), a full attention mask and random binary labels."""
+    rng = np.random.default_rng(SEED)
+    # ids 0..2 are <s>, <pad>, </s>; RoBERTa's position ids treat <pad> specially.
+    input_ids = rng.integers(3, vocab_size, size=(batch, seq_len), dtype=np.int32)
+    labels = rng.integers(0, 2, size=(batch,), dtype=np.int32)
+    return {
+        "input_ids": jnp.asarray(input_ids),
+        "attention_mask": jnp.ones((batch, seq_len), jnp.int32),
+        "labels": jnp.asarray(labels),
+    }
+
+
+def make_loss(apply: Callable[..., Any]) -> LossFn:
+    """Mean softmax cross-entropy of ``apply(input_ids, attention_mask=..., params=..., train=False)``."""
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
+        del rng  # dropout is off
+        logits = apply(
+            batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=False
+        ).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    return loss_fn
+
+
+@dataclasses.dataclass
+class MethodRun:
+    """One method's jitted step and the state threaded through its steps."""
+
+    name: str
+    step: Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    state: TrainState
+    frozen: Params
+    trainable_params: int
+    times_s: list[float] = dataclasses.field(default_factory=list)
+
+    def run_step(self, batch: Batch, rng: jax.Array) -> float:
+        """Runs one step, keeps its new state and returns its wall time in seconds."""
+        start = time.perf_counter()
+        state, metrics = self.step(self.state, self.frozen, batch, rng)
+        jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - start
+        self.state = state  # the old state was donated to the step
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: loss is {loss} at step {int(state.step)}")
+        return elapsed
+
+
+def setup_method(name: str, model: FlaxRobertaForSequenceClassification) -> MethodRun:
+    """Splits the shared model's params for ``name`` and builds its optimizer, state and step."""
+    if name == "cdvft":
+        config = CDVFTConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
+        adapted = cdvft_jax.inject(model, config)
+        trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
+        optimizer = cdvft_jax.adapter_optimizer(
+            adapted,
+            adapter_learning_rate=ADAPTER_LEARNING_RATE,
+            head_learning_rate=HEAD_LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY,
+        )
+        loss_fn = make_loss(adapted)
+    elif name in TRAINABLE:
+        trainable, frozen = cdvft_jax.split_params(model.params, TRAINABLE[name])
+        optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        loss_fn = make_loss(model)
+    else:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    # The step donates its state; the split trees share their leaves with model.params (and so
+    # with every other method's frozen tree), so each method trains its own copy.
+    trainable = jax.tree.map(jnp.copy, trainable)
+    return MethodRun(
+        name=name,
+        step=cdvft_jax.make_train_step(loss_fn, optimizer),
+        state=cdvft_jax.init_train_state(trainable, optimizer),
+        frozen=frozen,
+        trainable_params=cdvft_jax.count_params(trainable),
+    )
+
+
+def time_methods(runs: Sequence[MethodRun], batch: Batch, repeats: int) -> None:
+    """Compiles and warms up every method, then runs ``repeats`` interleaved rounds into ``times_s``."""
+    rng = jax.random.key(SEED)
+    for run in runs:
+        log(f"compiling {run.name} ({run.trainable_params:,} trainable params)")
+        start = time.perf_counter()
+        run.run_step(batch, rng)
+        log(f"  compiled and ran the first step in {time.perf_counter() - start:.1f} s")
+        for _ in range(WARMUP_STEPS):
+            run.run_step(batch, rng)
+    for r in range(repeats):
+        shift = r % len(runs)
+        order = [*runs[shift:], *runs[:shift]]
+        for run in order:
+            run.times_s.append(run.run_step(batch, rng))
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{x.name} {1e3 * x.times_s[-1]:.1f} ms" for x in order))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def rss_only(method: str, args: argparse.Namespace) -> None:
+    """Child mode: build, compile and run :data:`RSS_STEPS` steps of one method; print the peak RSS."""
+    model = build_model(args.small)
+    batch = make_batch(model.config.vocab_size, args.batch, args.seq_len)
+    run = setup_method(method, model)
+    rng = jax.random.key(SEED)
+    for _ in range(RSS_STEPS):
+        run.run_step(batch, rng)
+    print(f"{peak_rss_mb():.1f}")
+
+
+def measure_rss(method: str, args: argparse.Namespace) -> float:
+    """Peak RSS of ``method`` measured in a fresh subprocess."""
+    command = [
+        sys.executable,
+        "-c",
+        RSS_LAUNCHER,
+        sys.executable,
+        "-m",
+        "benchmarks.step_time",
+        "--rss-only",
+        method,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+    ]
+    if args.small:
+        command.append("--small")
+    log(f"peak RSS of {method} (subprocess)")
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"--rss-only {method} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}"
+        )
+    return float(lines[-1])
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name where available, else ``platform.processor()`` or the machine type."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how the benchmark ran."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "roberta-small-smoke" if args.small else "roberta-base-shaped",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+    }
+
+
+class Timing(NamedTuple):
+    """A method's step times, kept after its buffers are freed."""
+
+    name: str
+    trainable_params: int
+    times_s: list[float]
+
+
+def summarize(runs: Sequence[Timing], rss: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One result dict per method; ``ratio_to_floor`` is ``None`` when ``floor`` was not run."""
+    medians = {run.name: 1e3 * statistics.median(run.times_s) for run in runs}
+    floor = medians.get("floor")
+    return [
+        {
+            "method": run.name,
+            "trainable_params": run.trainable_params,
+            "ms_per_step": medians[run.name],
+            "ms_min": 1e3 * min(run.times_s),
+            "ms_max": 1e3 * max(run.times_s),
+            "peak_rss_mb": rss.get(run.name),
+            "ratio_to_floor": None if floor is None else medians[run.name] / floor,
+        }
+        for run in runs
+    ]
+
+
+def markdown(results: Sequence[Mapping[str, Any]], machine: Mapping[str, Any]) -> str:
+    """The header line and the results table."""
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = (
+        f"{machine['model']}, batch {machine['batch']} x {machine['seq_len']}, "
+        f"{machine['repeats']} interleaved repeats | {machine['cpu']}, {machine['cores']} cores, "
+        f"jax {machine['jax']} ({machine['backend']}: {machine['device_kind']}) | {machine['date']}"
+    )
+    rows = [
+        header,
+        "",
+        "| method | trainable params | ms/step median | min | max | peak RSS MB | ratio to floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} "
+            f"| {r['ms_max']:.1f} | {fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['ratio_to_floor'], '.2f')} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct methods out of {','.join(METHODS)}, got {text!r}"
+        )
+    return methods
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.step_time",
+        description="Train-step time and peak RSS of full, head, floor and CDVFT fine-tuning.",
+    )
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per batch")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="interleaved timing rounds")
+    parser.add_argument(
+        "--methods", type=parse_methods, default=list(METHODS), help="comma-separated subset of methods"
+    )
+    parser.add_argument("--small", action="store_true", help="tiny RoBERTa for a smoke run")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--rss-only", choices=METHODS, metavar="METHOD", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.rss_only:
+        rss_only(args.rss_only, args)
+        return
+    machine = machine_info(args)
+    log(f"building the {machine['model']} model")
+    model = build_model(args.small)
+    batch = make_batch(model.config.vocab_size, args.batch, args.seq_len)
+    runs = [setup_method(name, model) for name in args.methods]
+    time_methods(runs, batch, args.repeats)
+    timings = [Timing(run.name, run.trainable_params, run.times_s) for run in runs]
+    del runs, model, batch  # free this process's buffers before the RSS subprocesses build their own
+    rss = {} if args.no_rss else {name: measure_rss(name, args) for name in args.methods}
+    results = summarize(timings, rss)
+    print(markdown(results, machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
