@@ -149,9 +149,7 @@ def make_loss(apply: Callable[..., Any]) -> LossFn:
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
         del rng  # dropout is off
-        logits = apply(
-            batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=False
-        ).logits
+        logits = apply(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=False).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
     return loss_fn
@@ -269,9 +267,7 @@ def measure_rss(method: str, args: argparse.Namespace) -> float:
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"--rss-only {method} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"--rss-only {method} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
     return float(lines[-1])
 
 
@@ -364,9 +360,7 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods or len(set(methods)) != len(methods):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct methods out of {','.join(METHODS)}, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected distinct methods out of {','.join(METHODS)}, got {text!r}")
     return methods
 
 

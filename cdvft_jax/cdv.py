@@ -111,8 +111,7 @@ def cdv_shape(
         raise ValueError(f"layer {layer!r}: num_factors must be an int, got {num_factors!r}")
     if num_factors < 1 or num_factors % 2 == 0:
         raise ValueError(
-            f"layer {layer!r}: num_factors must be odd and >= 1 "
-            f"(diag, circ, diag, ..., diag), got {num_factors}"
+            f"layer {layer!r}: num_factors must be odd and >= 1 (diag, circ, diag, ..., diag), got {num_factors}"
         )
     if num_factors == 1 and d_in != d_out:
         raise ValueError(
@@ -214,9 +213,7 @@ def _check_factors(diagonals: Sequence[jax.Array], circulants: Sequence[jax.Arra
     if any(d.ndim != 1 for d in diagonals):
         raise ValueError(f"diagonal factors must be vectors, got shapes {[d.shape for d in diagonals]}")
     if any(c.ndim != 3 for c in circulants):
-        raise ValueError(
-            f"circulant factors must have shape (q_out, q_in, p), got {[c.shape for c in circulants]}"
-        )
+        raise ValueError(f"circulant factors must have shape (q_out, q_in, p), got {[c.shape for c in circulants]}")
     width = diagonals[0].shape[0]
     for diag, circ in zip(diagonals[1:], circulants, strict=True):
         q_out, q_in, p = circ.shape

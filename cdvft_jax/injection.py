@@ -327,9 +327,7 @@ def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs
         def apply_fn(*args, params, **kwargs):
             return model.apply({"params": params}, *args, **kwargs)
     else:
-        raise TypeError(
-            f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}"
-        )
+        raise TypeError(f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}")
 
     dense_layers, base_shapes = find_dense_layers(init_fn)
     _check_selection(config, dense_layers, base_shapes)
@@ -347,17 +345,14 @@ def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
     return [patterns] if isinstance(patterns, str) else [(p,) for p in patterns]
 
 
-def _check_selection(
-    config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping
-) -> None:
+def _check_selection(config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping) -> None:
     seen = list(dense_layers)
     examples = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
     for probe in _one_by_one(config.target_modules):
         if not any(matches(p, probe) for p in seen):
             entry = probe if isinstance(probe, str) else probe[0]
             raise ValueError(
-                f"target_modules entry {entry!r} matches no nn.Dense layer; "
-                f"the model's Dense layers are: {examples}"
+                f"target_modules entry {entry!r} matches no nn.Dense layer; the model's Dense layers are: {examples}"
             )
     targets = [p for p in seen if config.is_target(p)]
     if not targets:

@@ -55,8 +55,7 @@ class CDVDense(nn.Dense, AdapterLayerMarker):
             return CDVFT.init(key, d_in, self.features, config, layer)[name]
 
         leaves = {
-            name: self.param(name, init_leaf, name)
-            for name in CDVFT.param_shapes(d_in, self.features, config, layer)
+            name: self.param(name, init_leaf, name) for name in CDVFT.param_shapes(d_in, self.features, config, layer)
         }
         delta = CDVFT.delta(leaves, inputs, config)
         return y + (config.scaling * delta).astype(y.dtype)

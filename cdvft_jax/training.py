@@ -45,9 +45,7 @@ ScalarOrSchedule = float | optax.Schedule
 
 def _labels(label_of: Callable[[str], str]) -> Callable[[Params], Any]:
     def labels(tree: Params) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: label_of("/".join(str(k.key) for k in path)), tree
-        )
+        return jax.tree_util.tree_map_with_path(lambda path, _: label_of("/".join(str(k.key) for k in path)), tree)
 
     return labels
 

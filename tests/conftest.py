@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from transformers import (  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import (
     BertConfig,
     FlaxBertForSequenceClassification,
     FlaxRobertaForSequenceClassification,

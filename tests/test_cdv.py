@@ -90,9 +90,7 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16(d_in, d_out, p):
     assert out.dtype == jnp.bfloat16
     reference = np.asarray(x, np.float64) @ dense_reference([a_in, a_out], [c])
     # Float32 compute, then one rounding to bfloat16 (8 significant bits).
-    np.testing.assert_allclose(
-        np.asarray(out, np.float64), reference, rtol=2**-8, atol=1e-5 * np.abs(reference).max()
-    )
+    np.testing.assert_allclose(np.asarray(out, np.float64), reference, rtol=2**-8, atol=1e-5 * np.abs(reference).max())
 
 
 def _dense_jax_reference(x, diagonals, circulants):
@@ -120,9 +118,7 @@ def test_gradients_match_dense_reference(d_in, d_out, p, num_factors):
     grads = jax.grad(loss, argnums=(1, 2, 3))(cdv.cdv_product_delta, x, diagonals, circulants)
     with jax.enable_x64(True):
         as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
-        expected = jax.grad(loss, argnums=(1, 2, 3))(
-            _dense_jax_reference, as64(x), as64(diagonals), as64(circulants)
-        )
+        expected = jax.grad(loss, argnums=(1, 2, 3))(_dense_jax_reference, as64(x), as64(diagonals), as64(circulants))
         expected = jax.tree.map(np.asarray, expected)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -131,10 +131,7 @@ def test_bfloat16_compute_keeps_the_fft_branch_and_vectors_in_float32():
     objective = lambda t: loss_fn(cdvft_jax.merge_params(t, frozen), (inputs, labels), None)  # noqa: E731
     jaxpr = jax.make_jaxpr(jax.grad(objective))(trainable)
     fft_dtypes = {
-        str(var.aval.dtype)
-        for eqn in _all_eqns(jaxpr.jaxpr)
-        if eqn.primitive.name == "fft"
-        for var in eqn.invars
+        str(var.aval.dtype) for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "fft" for var in eqn.invars
     }
     assert fft_dtypes and fft_dtypes <= {"float32", "complex64"}, fft_dtypes
     grads = jax.grad(objective)(trainable)
@@ -264,7 +261,7 @@ def test_misuse_raises_clear_errors():
         adapted.init(jax.random.key(0), other.params)
     with pytest.raises(ValueError, match="cannot fold layer"):
         adapted.merge(model.params)
-    with pytest.raises(TypeError, match="expected a Hugging Face Flax model or a flax.linen.Module"):
+    with pytest.raises(TypeError, match=r"expected a Hugging Face Flax model or a flax\.linen\.Module"):
         cdvft_jax.inject(object(), CDVFTConfig())
     with pytest.raises(ValueError, match="needs sample inputs"):
         cdvft_jax.inject(nn.Dense(4), CDVFTConfig())
