@@ -198,9 +198,6 @@ def setup_method(name: str, model: FlaxRobertaForSequenceClassification) -> Meth
         loss_fn = make_loss(model)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    # The step donates its state; the split trees share their leaves with model.params (and so
-    # with every other method's frozen tree), so each method trains its own copy.
-    trainable = jax.tree.map(jnp.copy, trainable)
     return MethodRun(
         name=name,
         step=cdvft_jax.make_train_step(loss_fn, optimizer),

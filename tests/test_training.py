@@ -1,0 +1,146 @@
+"""Trainable-only training: learning-rate groups, the single-tree variant, and no frozen weight gradients."""
+
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import make_inputs, make_model
+
+import cdvft_jax
+from cdvft_jax import CDVFTConfig
+from cdvft_jax.params import flat_params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model("roberta")
+    adapted = cdvft_jax.inject(model, CDVFTConfig(modules_to_save=["classifier"]))
+    params = adapted.init(jax.random.key(0), model.params)
+    batch = make_inputs("roberta")
+
+    def loss_fn(params, batch, rng):
+        inputs, labels = batch
+        out = adapted(**inputs, params=params).logits
+        return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
+
+    def plain_loss_fn(params, batch, rng):
+        inputs, labels = batch
+        out = model(**inputs, params=params).logits
+        return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
+
+    return model, adapted, params, batch, loss_fn, plain_loss_fn
+
+
+def test_adapter_and_head_get_their_own_learning_rates(setup):
+    _, adapted, params, batch, loss_fn, _ = setup
+    trainable, frozen = adapted.split(params)
+    optimizer = cdvft_jax.adapter_optimizer(
+        adapted, adapter_learning_rate=1e-1, head_learning_rate=1e-3, eps=1e-15
+    )
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+    step = cdvft_jax.make_train_step(loss_fn, optimizer)
+    new_state, _ = step(state, frozen, batch, jax.random.key(0))
+    before, after = flat_params(trainable), flat_params(new_state.trainable)
+    # Adam's first update is lr * g / (|g| + eps): with a negligible eps every entry moves by lr.
+    adapter_move = np.abs(after["roberta/encoder/layer/0/attention/self/query/cdv_a_out"] - before[
+        "roberta/encoder/layer/0/attention/self/query/cdv_a_out"
+    ])
+    head_move = np.abs(after["classifier/out_proj/kernel"] - before["classifier/out_proj/kernel"])
+    np.testing.assert_allclose(adapter_move.max(), 1e-1, rtol=1e-3)
+    np.testing.assert_allclose(head_move.max(), 1e-3, rtol=1e-3)
+    assert int(new_state.step) == 1
+
+
+def test_single_tree_optimizer_matches_split_trees_and_keeps_frozen_leaves(setup):
+    _, adapted, params, batch, loss_fn, _ = setup
+    kwargs = dict(adapter_learning_rate=5e-2, head_learning_rate=5e-3, weight_decay=0.01, max_grad_norm=0.5)
+    trainable, frozen = adapted.split(params)
+    split_opt = cdvft_jax.adapter_optimizer(adapted, **kwargs)
+    split_state = cdvft_jax.init_train_state(trainable, split_opt)
+    split_step = cdvft_jax.make_train_step(loss_fn, split_opt)
+
+    single_opt = cdvft_jax.single_tree_optimizer(adapted, **kwargs)
+    single_state = cdvft_jax.init_train_state(params, single_opt)
+    single_step = cdvft_jax.make_train_step(loss_fn, single_opt)
+    for k in range(3):
+        split_state, split_metrics = split_step(split_state, frozen, batch, jax.random.key(k))
+        single_state, single_metrics = single_step(single_state, {}, batch, jax.random.key(k))
+        np.testing.assert_allclose(single_metrics["loss"], split_metrics["loss"], rtol=1e-6)
+
+    single = flat_params(single_state.trainable)
+    split = flat_params(cdvft_jax.merge_params(split_state.trainable, frozen))
+    original = flat_params(params)
+    for path, value in single.items():
+        if adapted.is_trainable(path):
+            np.testing.assert_allclose(value, split[path], rtol=1e-5, atol=1e-7, err_msg=path)
+        else:
+            np.testing.assert_array_equal(value, original[path], err_msg=path)
+
+
+def _dot_count(step, *args) -> int:
+    """Matrix multiplications left in the optimised executable of ``step``."""
+    return len(re.findall(r"\bdot\(", step.lower(*args).compile().as_text()))
+
+
+def test_no_frozen_weight_gradient_is_computed(setup):
+    """The split-tree step has no more matmuls than the floor; the documented trap has as many as full FT."""
+    model, adapted, params, batch, loss_fn, plain_loss_fn = setup
+    rng = jax.random.key(0)
+    adam = optax.adam(1e-3)
+
+    def count(loss, optimizer, trainable, frozen):
+        state = cdvft_jax.init_train_state(trainable, optimizer)
+        return _dot_count(cdvft_jax.make_train_step(loss, optimizer, donate=False), state, frozen, batch, rng)
+
+    full = count(plain_loss_fn, adam, model.params, {})
+    floor = count(
+        plain_loss_fn,
+        adam,
+        *cdvft_jax.split_params(model.params, lambda p: p.startswith(("classifier", "roberta/embeddings/LayerNorm"))),
+    )
+    trainable, frozen = adapted.split(params)
+    split = count(loss_fn, cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-2), trainable, frozen)
+    single_opt = cdvft_jax.single_tree_optimizer(adapted, adapter_learning_rate=1e-2, max_grad_norm=1.0)
+    single = count(loss_fn, single_opt, params, {})
+    trap = count(loss_fn, optax.chain(optax.clip_by_global_norm(1.0), single_opt), params, {})
+
+    # Full fine-tuning adds a weight-gradient matmul for every frozen kernel.
+    assert full > floor
+    assert split <= floor
+    assert single == split
+    assert trap >= full
+
+
+def test_frozen_weights_are_an_argument_not_a_compiled_constant(setup):
+    _, adapted, params, batch, loss_fn, _ = setup
+    trainable, frozen = adapted.split(params)
+    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-2)
+    step = cdvft_jax.make_train_step(loss_fn, optimizer, donate=False)
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+    _, first = step(state, frozen, batch, jax.random.key(0))
+    scaled = jax.tree.map(lambda x: x * 1.5, frozen)
+    _, second = step(state, scaled, batch, jax.random.key(0))
+    assert float(first["loss"]) != float(second["loss"])
+    assert step._cache_size() == 1  # one executable serves both frozen trees
+
+
+def test_init_train_state_copies_so_donation_spares_the_callers_arrays(setup):
+    model, adapted, params, batch, loss_fn, _ = setup
+    trainable, frozen = adapted.split(params)
+    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-2)
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+    cdvft_jax.make_train_step(loss_fn, optimizer)(state, frozen, batch, jax.random.key(0))
+    # The head arrays are shared with model.params; they must still be readable.
+    np.asarray(model.params["classifier"]["out_proj"]["kernel"])
+    np.asarray(trainable["classifier"]["out_proj"]["kernel"])
+
+
+def test_eval_step_merges_the_trees(setup):
+    model, adapted, params, batch, _, _ = setup
+    trainable, frozen = adapted.split(params)
+    eval_step = cdvft_jax.make_eval_step(lambda p, b: adapted(**b[0], params=p).logits)
+    np.testing.assert_array_equal(
+        eval_step(trainable, frozen, batch), jax.jit(lambda p: adapted(**batch[0], params=p).logits)(params)
+    )
