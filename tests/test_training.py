@@ -36,17 +36,16 @@ def setup():
 def test_adapter_and_head_get_their_own_learning_rates(setup):
     _, adapted, params, batch, loss_fn, _ = setup
     trainable, frozen = adapted.split(params)
-    optimizer = cdvft_jax.adapter_optimizer(
-        adapted, adapter_learning_rate=1e-1, head_learning_rate=1e-3, eps=1e-15
-    )
+    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-1, head_learning_rate=1e-3, eps=1e-15)
     state = cdvft_jax.init_train_state(trainable, optimizer)
     step = cdvft_jax.make_train_step(loss_fn, optimizer)
     new_state, _ = step(state, frozen, batch, jax.random.key(0))
     before, after = flat_params(trainable), flat_params(new_state.trainable)
     # Adam's first update is lr * g / (|g| + eps): with a negligible eps every entry moves by lr.
-    adapter_move = np.abs(after["roberta/encoder/layer/0/attention/self/query/cdv_a_out"] - before[
-        "roberta/encoder/layer/0/attention/self/query/cdv_a_out"
-    ])
+    adapter_move = np.abs(
+        after["roberta/encoder/layer/0/attention/self/query/cdv_a_out"]
+        - before["roberta/encoder/layer/0/attention/self/query/cdv_a_out"]
+    )
     head_move = np.abs(after["classifier/out_proj/kernel"] - before["classifier/out_proj/kernel"])
     np.testing.assert_allclose(adapter_move.max(), 1e-1, rtol=1e-3)
     np.testing.assert_allclose(head_move.max(), 1e-3, rtol=1e-3)
@@ -138,7 +137,7 @@ def test_init_train_state_copies_so_donation_spares_the_callers_arrays(setup):
 
 
 def test_eval_step_merges_the_trees(setup):
-    model, adapted, params, batch, _, _ = setup
+    _, adapted, params, batch, _, _ = setup
     trainable, frozen = adapted.split(params)
     eval_step = cdvft_jax.make_eval_step(lambda p, b: adapted(**b[0], params=p).logits)
     np.testing.assert_array_equal(

