@@ -15,6 +15,7 @@ from train.data import (
     DataError,
     Example,
     TaskSpec,
+    deduplicate,
     find_task,
     read_glue_split,
     read_table,
@@ -448,12 +449,20 @@ def test_tweet_corpus(corpus):
     assert corpus[1] == Example("self-driving cars just seem lazy and a waste of money", None, 0)
 
 
+def test_deduplicate_keeps_one_of_each_text_and_drops_conflicts():
+    a, b, c = Example("a", None, 0), Example("b", None, 1), Example("c", None, 2)
+    assert deduplicate([a, b, a, Example("b", None, 2), c, c]) == [a, c]
+
+
 def test_tweets_dataset_split_is_fixed_per_seed(corpus):
     train, dev, spec = tweets_dataset()
     assert spec is TASKS["tweets"] and spec.num_labels == 3
-    assert (len(train), len(dev)) == (38_158 - 3_816, 3_816)
-    # The split is a partition of the corpus: nothing lost, nothing duplicated.
-    assert collections.Counter(train + dev) == collections.Counter(corpus)
+    unique = deduplicate(corpus)
+    assert len(unique) < len(corpus)
+    assert len(train) + len(dev) == len(unique) and len(dev) == round(0.1 * len(unique))
+    # The split is a partition of the deduplicated corpus: nothing lost, no dev text seen in training.
+    assert collections.Counter(train + dev) == collections.Counter(unique)
+    assert not {e.text_a for e in dev} & {e.text_a for e in train}
     assert {e.label for e in dev} == {0, 1, 2}
     again_train, again_dev, _ = tweets_dataset(seed=0)
     assert again_dev == dev and again_train == train

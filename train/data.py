@@ -645,12 +645,28 @@ def read_tweets_corpus() -> list[Example]:
     return _labelled_examples(path, records, spec)
 
 
+def deduplicate(examples: Sequence[Example]) -> list[Example]:
+    """``examples`` with each text pair kept once, in first-seen order; pairs seen with several labels are dropped."""
+    labels: dict[tuple[str, str | None], set] = {}
+    for e in examples:
+        labels.setdefault((e.text_a, e.text_b), set()).add(e.label)
+    kept, seen = [], set()
+    for e in examples:
+        key = (e.text_a, e.text_b)
+        if len(labels[key]) == 1 and key not in seen:
+            seen.add(key)
+            kept.append(e)
+    return kept
+
+
 def tweets_dataset(
     dev_fraction: float = 0.1, seed: int = 0, max_examples: int | None = None
 ) -> tuple[list[Example], list[Example], TaskSpec]:
     """The tweet-sentiment corpus as a fixed train/dev split, with its :class:`TaskSpec`.
 
-    The corpus order is shuffled with ``numpy.random.default_rng(seed)``; ``max_examples`` (if given)
+    The corpus holds repeated tweets (retweets), some with conflicting labels; a text that occurs with more
+    than one label is dropped and other repeats are kept once, so no dev text is also a train text.  The
+    order is then shuffled with ``numpy.random.default_rng(seed)``; ``max_examples`` (if given)
     keeps the first ``max_examples`` shuffled examples, so a small run uses a random but fixed subset;
     the first ``dev_fraction`` of those (rounded, at least one) are the dev split, the rest train.
 
@@ -662,7 +678,7 @@ def tweets_dataset(
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
     if max_examples is not None and max_examples < 2:
         raise ValueError(f"max_examples must be at least 2 (one train, one dev), got {max_examples}")
-    examples = read_tweets_corpus()
+    examples = deduplicate(read_tweets_corpus())
     order = np.random.default_rng(seed).permutation(len(examples))[:max_examples]
     num_dev = min(max(1, round(len(order) * dev_fraction)), len(order) - 1)
     dev = [examples[i] for i in order[:num_dev]]
