@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from tqdm import tqdm
 
-import cdvft_jax
 from train.data import Example, TaskSpec, find_task, read_glue_split, read_table, tweets_dataset
+from train.loop import (
+    METHODS,
+    Batch,
+    Evaluation,
+    TrainSettings,
+    summary_table,
+    train_and_evaluate,
+    write_results,
+)
 from train.metrics import compute_metrics
 
-METHODS = ("cdvft", "head", "full")
 PAD_MULTIPLE = 16  # pad batches to a multiple of this, so few shapes are compiled
 
 
@@ -68,7 +68,6 @@ PRESETS: dict[str, Preset] = {
     "qqp": Preset(epochs=2),
     "custom": Preset(),
 }
-FULL_LEARNING_RATE = 2e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +98,6 @@ class TextConfig:
     seed: int = 0
     output_dir: Path = Path("outputs/text")
     compare_head: bool = False
-
-
-class Batch(NamedTuple):
-    """One padded batch; ``weights`` is 0 for rows added to fill the last eval batch."""
-
-    inputs: dict[str, np.ndarray]
-    labels: np.ndarray
-    weights: np.ndarray
 
 
 class Encoded(NamedTuple):
@@ -206,167 +197,6 @@ def batches(
         yield Batch(inputs, labels, weights)
 
 
-class MethodSetup(NamedTuple):
-    """What a fine-tuning method hands the training loop."""
-
-    apply: Callable[..., Any]
-    trainable: dict
-    frozen: dict
-    optimizer: optax.GradientTransformation
-    describe: str
-
-
-def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
-    warmup = max(1, round(warmup_ratio * total_steps))
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, warmup),
-            optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup)),
-        ],
-        [warmup],
-    )
-
-
-def setup_method(name: str, model: Any, config: TextConfig, total_steps: int) -> MethodSetup:
-    """Builds the trainable/frozen split and optimizer of method ``name`` (``cdvft``, ``head``, ``full``)."""
-    head = ["classifier"]
-    head_lr = schedule(config.head_learning_rate, total_steps, config.warmup_ratio)
-    if name == "cdvft":
-        adapter_config = cdvft_jax.CDVFTConfig(
-            target_modules=["query", "value"], modules_to_save=head, alpha=config.alpha, block_size=config.block_size
-        )
-        adapted = cdvft_jax.inject(model, adapter_config)
-        params = adapted.init(jax.random.key(config.seed), model.params)
-        trainable, frozen = adapted.split(params)
-        optimizer = cdvft_jax.adapter_optimizer(
-            adapted,
-            adapter_learning_rate=schedule(config.learning_rate, total_steps, config.warmup_ratio),
-            head_learning_rate=head_lr,
-            weight_decay=config.weight_decay,
-        )
-        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)))
-    if name == "head":
-        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: path.startswith("classifier/"))
-        optimizer = optax.adamw(head_lr, weight_decay=config.weight_decay)
-    elif name == "full":
-        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
-        optimizer = optax.adamw(
-            schedule(FULL_LEARNING_RATE, total_steps, config.warmup_ratio), weight_decay=config.weight_decay
-        )
-    else:
-        raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
-    count = cdvft_jax.count_params(trainable)
-    total = count + cdvft_jax.count_params(frozen)
-    return MethodSetup(model.__call__, trainable, frozen, optimizer, f"trainable params: {count:,} of {total:,}")
-
-
-def make_loss(apply: Callable[..., Any], regression: bool):
-    """Mean cross-entropy (or squared error for regression), weighted by ``batch.weights``."""
-
-    def loss_fn(params, batch: Batch, rng: jax.Array) -> jax.Array:
-        logits = apply(**batch.inputs, params=params, train=True, dropout_rng=rng).logits
-        if regression:
-            per_example = (logits[:, 0] - batch.labels) ** 2
-        else:
-            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-        return jnp.sum(per_example * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
-
-    return loss_fn
-
-
-def make_predict(apply: Callable[..., Any], regression: bool):
-    """``predict(params, batch)``: class ids, or scores for regression."""
-
-    def predict(params, batch: Batch) -> jax.Array:
-        logits = apply(**batch.inputs, params=params, train=False).logits
-        return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
-
-    return predict
-
-
-def evaluate(eval_step, trainable, frozen, data: Encoded, config: TextConfig, pad_id: int, spec: TaskSpec) -> dict:
-    """The task's metrics on ``data``."""
-    predictions = []
-    for batch in batches(data, config.batch_size, pad_id, config.max_length, rng=None):
-        out = np.asarray(eval_step(trainable, frozen, batch))
-        predictions.append(out[batch.weights > 0])
-    return compute_metrics(spec.metrics, np.concatenate(predictions), data.labels)
-
-
-def train_method(
-    name: str, model: Any, train: Encoded, dev: Encoded, spec: TaskSpec, config: TextConfig, pad_id: int, log: Path
-) -> dict:
-    """Trains one method with evaluation before training and after every epoch; returns its results."""
-    regression = spec.num_labels == 1
-    steps_per_epoch = len(train.input_ids) // config.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train.input_ids)} training examples is fewer than one batch of {config.batch_size}")
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    setup = setup_method(name, model, config, total_steps)
-    print(f"[{name}] {setup.describe}", flush=True)
-    state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
-    train_step = cdvft_jax.make_train_step(make_loss(setup.apply, regression), setup.optimizer)
-    eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
-    initial = evaluate(eval_step, state.trainable, setup.frozen, dev, config, pad_id, spec)
-    records = [{"method": name, "step": 0, "epoch": 0, "train_loss": None, **initial}]
-    _append_jsonl(log, records[-1])
-
-    dropout_key = jax.random.key(config.seed)
-    step, examples, start = 0, 0, time.perf_counter()
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    with tqdm(total=total_steps, desc=f"{name} {spec.name}", unit="step", dynamic_ncols=True) as bar:
-        for epoch in range(1, epochs + 1):
-            losses = []
-            # Each epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
-            shuffle_rng = np.random.default_rng([config.seed, epoch])
-            for batch in batches(train, config.batch_size, pad_id, config.max_length, shuffle_rng):
-                if step == total_steps:
-                    break
-                state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
-                losses.append(metrics["loss"])
-                step += 1
-                examples += config.batch_size
-                if step % 10 == 0 or step == total_steps:
-                    rate = examples / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", ex_per_s=f"{rate:.0f}")
-                bar.update(1)
-            result = evaluate(eval_step, state.trainable, setup.frozen, dev, config, pad_id, spec)
-            train_loss = float(np.mean([float(x) for x in losses])) if losses else None
-            records.append({"method": name, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
-            _append_jsonl(log, records[-1])
-            bar.write(f"[{name}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
-    seconds = time.perf_counter() - start
-    trained = records[1:]
-    best = max(trained, key=lambda r: _score(r, spec.main_metric))
-    return {
-        "method": name,
-        "trainable_params": cdvft_jax.count_params(state.trainable),
-        "before": initial,
-        "best": {m: best[m] for m in spec.metrics},
-        "best_epoch": best["epoch"],
-        "train_seconds": seconds,
-        "steps": step,
-        "steps_per_second": step / seconds if seconds > 0 else None,
-    }
-
-
-def _score(record: dict, metric: str) -> float:
-    value = record[metric]
-    return -math.inf if value is None or math.isnan(value) else value
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def run(config: TextConfig) -> dict:
     """Runs the fine-tuning described by ``config``; writes and returns ``results.json``'s content."""
     from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
@@ -382,6 +212,32 @@ def run(config: TextConfig) -> dict:
     config.output_dir.mkdir(parents=True, exist_ok=True)
     log = config.output_dir / "metrics.jsonl"
     log.unlink(missing_ok=True)
+    settings = TrainSettings(
+        method=config.method,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        head_learning_rate=config.head_learning_rate,
+        alpha=config.alpha,
+        block_size=config.block_size,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        max_steps=config.max_steps,
+        seed=config.seed,
+    )
+    pad_id = tokenizer.pad_token_id
+    evaluation = Evaluation(
+        batches=lambda: batches(dev, config.batch_size, pad_id, config.max_length, rng=None),
+        labels=dev.labels,
+        metrics=lambda predictions, labels: compute_metrics(spec.metrics, predictions, labels),
+        metric_names=spec.metrics,
+        main_metric=spec.main_metric,
+    )
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        # Each epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        rng = np.random.default_rng([config.seed, epoch])
+        return batches(train, config.batch_size, pad_id, config.max_length, rng)
+
     methods = [config.method] + (["head"] if config.compare_head and config.method != "head" else [])
     runs = []
     for name in methods:
@@ -389,40 +245,29 @@ def run(config: TextConfig) -> dict:
         model = FlaxAutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=spec.num_labels, seed=config.seed
         )
-        runs.append(train_method(name, model, train, dev, spec, config, tokenizer.pad_token_id, log))
-    main = runs[0]
-    results = {
-        "task": spec.name,
-        "model": model_path,
-        "method": config.method,
-        "seed": config.seed,
-        "trainable_params": main["trainable_params"],
-        "best": main["best"],
-        "best_epoch": main["best_epoch"],
-        "before": main["before"],
-        "train_seconds": main["train_seconds"],
-        "steps_per_second": main["steps_per_second"],
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
-        "runs": runs,
-    }
-    (config.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(_summary_table(spec, runs))
-    return results
-
-
-def _summary_table(spec: TaskSpec, runs: list[dict]) -> str:
-    metric = spec.main_metric
-    rows = [
-        f"\ndev {metric} on {spec.name}:",
-        "| method | trainable params | before | after (best epoch) | train s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        rows.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['before'][metric]:.4f} | "
-            f"{r['best'][metric]:.4f} ({r['best_epoch']}) | {r['train_seconds']:.0f} |"
+        runs.append(
+            train_and_evaluate(
+                model,
+                settings,
+                method=name,
+                steps_per_epoch=len(train.input_ids) // config.batch_size,
+                train_batches=train_batches,
+                evaluation=evaluation,
+                regression=regression,
+                log_path=log,
+                description=f"{name} {spec.name}",
+            )
         )
-    return "\n".join(rows)
+    results = write_results(
+        config.output_dir,
+        task=spec.name,
+        model=model_path,
+        settings=settings,
+        config=dataclasses.asdict(config),
+        runs=runs,
+    )
+    print(summary_table(spec.name, spec.main_metric, runs))
+    return results
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TextConfig:

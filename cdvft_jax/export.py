@@ -1,0 +1,274 @@
+"""Exporting a merged CDVFT model as a plain Hugging Face checkpoint, Flax or PyTorch.
+
+After :meth:`~cdvft_jax.AdaptedModel.merge` the adapter lives inside the
+kernels, so the result is an ordinary checkpoint of the base architecture: it
+loads with ``from_pretrained`` and runs at the base model's cost, with no
+``cdvft_jax`` needed at inference time.
+
+* :func:`save_merged_flax` writes ``config.json`` + ``flax_model.msgpack``.
+* :func:`save_merged_torch` writes ``config.json`` + ``model.safetensors`` in
+  PyTorch names and layouts, for ``AutoModelFor...Classification`` in PyTorch.
+  The conversion (:func:`flax_to_torch_state_dict`) is done with numpy, so
+  exporting never needs PyTorch installed.
+
+From the command line (base model and adapter in, checkpoint out)::
+
+    python -m cdvft_jax.export --adapter runs/sst2/adapter --base roberta-base --format torch --out exported/
+
+Example:
+  >>> import numpy as np
+  >>> tree = {"classifier": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}
+  >>> {k: v.shape for k, v in flax_to_torch_state_dict(tree).items()}
+  {'classifier.weight': (3, 4), 'classifier.bias': (3,)}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdvft_jax.params import flat_params
+
+__all__ = ["flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
+
+Params = Mapping[str, Any]
+
+TORCH_WEIGHTS_NAME = "model.safetensors"
+
+
+def flax_to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
+    """Converts a Hugging Face Flax params tree to a PyTorch state dict of numpy arrays.
+
+    Follows the rules of transformers' own Flax -> PyTorch conversion
+    (``load_flax_weights_in_pytorch_model``) without importing PyTorch:
+
+    * the module path is joined with ``"."``;
+    * a 4-D ``kernel`` (a convolution, HWIO) becomes ``weight`` in OIHW;
+    * any other ``kernel`` (a dense layer, ``(in, out)``) becomes ``weight``
+      transposed (``.T``; PyTorch's ``Linear`` stores ``(out, in)``);
+    * ``scale`` (LayerNorm) and ``embedding`` (Embed) become ``weight``;
+    * every other leaf (``bias``, ``cls_token``, ``position_embeddings``, ...)
+      keeps its name and layout.
+
+    Flax and PyTorch share parameter names for the Hugging Face classes this
+    library adapts (RoBERTa, BERT and ViT with their classification heads,
+    base-model prefix included), so no further renaming is needed.
+
+    Args:
+      params: the ``params`` collection of a Flax model, e.g. the output of
+        :meth:`~cdvft_jax.AdaptedModel.merge`.
+
+    Returns:
+      ``{pytorch name: float32 C-contiguous array}``, ready for
+      ``safetensors.numpy.save_file``.
+
+    Raises:
+      ValueError: for a tree with batch statistics (BatchNorm models), which
+        this conversion does not cover, or when two leaves map to one name.
+    """
+    if "batch_stats" in params:
+        raise ValueError(
+            "params hold a 'batch_stats' collection (a BatchNorm model); only models whose state is the "
+            "'params' collection alone are supported"
+        )
+    state: dict[str, np.ndarray] = {}
+    for path, leaf in flat_params(params).items():
+        *module, name = path.split("/")
+        # np.asarray(float32) also turns bfloat16 leaves into something safetensors and PyTorch both read.
+        array = np.asarray(leaf, dtype=np.float32)
+        if name == "kernel":
+            array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+            name = "weight"
+        elif name in ("scale", "embedding"):
+            name = "weight"
+        key = ".".join([*module, name])
+        if key in state:
+            raise ValueError(f"two Flax parameters map to the PyTorch name {key!r}")
+        state[key] = np.ascontiguousarray(array)
+    return state
+
+
+def _check_merged(model: Any, params: Params) -> None:
+    """Raises unless ``params`` has exactly the leaves and shapes of ``model``'s own params."""
+    expected = {p: tuple(s.shape) for p, s in flat_params(model.params_shape_tree).items()}
+    got = {p: tuple(np.shape(v)) for p, v in flat_params(params).items()}
+    extra = sorted(set(got) - set(expected))
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(f"{p}: {got[p]} != {expected[p]}" for p in set(got) & set(expected) if got[p] != expected[p])
+    if not (extra or missing or wrong):
+        return
+    problems = []
+    if extra:
+        problems.append(f"unexpected leaves {extra[:4]}")
+    if missing:
+        problems.append(f"missing leaves {missing[:4]}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:4]}")
+    hint = " (adapter leaves? pass AdaptedModel.merge(params), not the adapted params)" if extra else ""
+    raise ValueError(f"params do not fit {type(model).__name__}: {'; '.join(problems)}{hint}")
+
+
+def _torch_class_name(model: Any) -> str:
+    flax_name = type(model).__name__
+    if not flax_name.startswith("Flax"):
+        raise TypeError(f"expected a Hugging Face Flax model (a Flax... class), got {flax_name}")
+    return flax_name.removeprefix("Flax")
+
+
+def save_merged_flax(model: Any, merged_params: Params, out_dir: str | Path) -> Path:
+    """Saves ``merged_params`` as a Flax checkpoint of ``model``'s architecture.
+
+    Writes ``config.json`` and ``flax_model.msgpack`` with
+    ``model.save_pretrained``; ``type(model).from_pretrained(out_dir)`` gives
+    the adapted model's outputs.
+
+    Args:
+      model: the Hugging Face Flax model the adapter was injected into.
+      merged_params: :meth:`~cdvft_jax.AdaptedModel.merge` output.
+      out_dir: the folder to write (created if needed).
+
+    Returns:
+      ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      ValueError: if ``merged_params`` does not have exactly the model's
+        leaves and shapes (e.g. adapter leaves were not merged).
+    """
+    _check_merged(model, merged_params)
+    out = Path(out_dir)
+    model.save_pretrained(out, params=merged_params)
+    return out
+
+
+def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) -> Path:
+    """Saves ``merged_params`` as a PyTorch checkpoint of ``model``'s architecture, without PyTorch.
+
+    Writes ``config.json`` (``architectures`` names the PyTorch class, e.g.
+    ``RobertaForSequenceClassification``) and ``model.safetensors`` in
+    PyTorch names and layouts (see :func:`flax_to_torch_state_dict`), loadable
+    by transformers' PyTorch ``AutoModelForSequenceClassification`` /
+    ``AutoModelForImageClassification.from_pretrained(out_dir)``.  Weights
+    are float32 and written as one unsharded file.
+
+    Args:
+      model: the Hugging Face Flax model the adapter was injected into.
+      merged_params: :meth:`~cdvft_jax.AdaptedModel.merge` output.
+      out_dir: the folder to write (created if needed).
+
+    Returns:
+      ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+      TypeError: if ``model`` is not a Hugging Face ``Flax...`` model.
+      ValueError: if ``merged_params`` does not have exactly the model's
+        leaves and shapes (e.g. adapter leaves were not merged).
+    """
+    # safetensors comes with transformers, which any Hugging Face model already needs; importing it here keeps
+    # `import cdvft_jax` free of it.
+    from safetensors.numpy import save_file
+
+    architecture = _torch_class_name(model)
+    _check_merged(model, merged_params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # A copy: the caller's model keeps its own config.
+    config = copy.deepcopy(model.config)
+    config.architectures = [architecture]
+    config.save_pretrained(out)
+    # transformers reads a safetensors file as PyTorch weights only when its metadata says so.
+    save_file(flax_to_torch_state_dict(merged_params), str(out / TORCH_WEIGHTS_NAME), metadata={"format": "pt"})
+    return out
+
+
+def _load_base_model(name_or_path: str, num_labels: int | None, from_pt: bool) -> Any:
+    """The base checkpoint as a Flax sequence or image classifier, chosen by its config's model type.
+
+    The Flax sequence- and image-classification mappings share no model type,
+    so the config decides unambiguously and nothing is loaded twice.
+    """
+    from transformers import AutoConfig, FlaxAutoModelForImageClassification, FlaxAutoModelForSequenceClassification
+    from transformers.models.auto.modeling_flax_auto import (
+        FLAX_MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+        FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    )
+
+    overrides = {} if num_labels is None else {"num_labels": num_labels}
+    config = AutoConfig.from_pretrained(name_or_path, **overrides)
+    for mapping, auto_class in [
+        (FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, FlaxAutoModelForSequenceClassification),
+        (FLAX_MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, FlaxAutoModelForImageClassification),
+    ]:
+        if type(config) in mapping:
+            # A head of another size in the checkpoint is replaced, as the training script's was.
+            return auto_class.from_pretrained(
+                name_or_path, config=config, from_pt=from_pt, ignore_mismatched_sizes=num_labels is not None
+            )
+    raise ValueError(
+        f"{name_or_path}: model type {config.model_type!r} has no Flax sequence- or image-classification class"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cdvft_jax.export",
+        description="Merge a saved CDVFT adapter into its base model and save a plain Flax or PyTorch checkpoint.",
+    )
+    p.add_argument("--adapter", type=Path, required=True, help="folder written by cdvft_jax.adapter_io.save_adapter")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="hub name or local folder of the base model; its config's model type picks the sequence- or "
+        "image-classification class",
+    )
+    p.add_argument("--format", choices=("torch", "flax"), default="torch", help="checkpoint to write (default: torch)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
+    p.add_argument(
+        "--num-labels", type=int, help="classifier size the adapter was trained with (default: the base config's)"
+    )
+    p.add_argument("--from-pt", action="store_true", help="the base checkpoint has PyTorch weights only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m cdvft_jax.export``: load base, apply adapter, merge, save.
+
+    Args:
+      argv: command-line arguments without the program name (default:
+        ``sys.argv[1:]``).
+
+    Returns:
+      The exit status: 0 on success, 1 when the base model, adapter or output
+      cannot be used (the reason goes to stderr).  Bad arguments exit with
+      argparse's status 2.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.adapter.is_dir():
+        parser.error(f"--adapter {args.adapter} is not a folder")
+    if args.num_labels is not None and args.num_labels < 1:
+        parser.error(f"--num-labels must be positive, got {args.num_labels}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
+    # Imported here: only the CLI needs adapter loading; the functions above work on params alone.
+    from cdvft_jax.adapter_io import load_adapter
+
+    save = save_merged_torch if args.format == "torch" else save_merged_flax
+    try:
+        model = _load_base_model(args.base, args.num_labels, args.from_pt)
+        adapted, params = load_adapter(args.adapter, model)
+        out = save(model, adapted.merge(params), args.out)
+    except (OSError, ValueError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote a merged {args.format} checkpoint of {type(model).__name__.removeprefix('Flax')} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

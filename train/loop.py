@@ -1,0 +1,303 @@
+"""The fine-tuning loop shared by ``train.text`` and ``train.image``.
+
+A method (``cdvft``, ``head``, ``full``) decides which parameters train and with which optimizer;
+:func:`train_and_evaluate` runs the paper's protocol on top of the library: AdamW with a linear schedule
+and 6% warm-up, dev evaluation before training and after every epoch, the best epoch reported.  Data
+comes in as :class:`Batch` iterators, so the loop knows nothing about text or images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import cdvft_jax
+from cdvft_jax.config import matches_within
+
+METHODS = ("cdvft", "head", "full")
+FULL_LEARNING_RATE = 2e-5
+
+
+class Batch(NamedTuple):
+    """One batch: model keyword inputs, labels, and weights (0 for rows that only fill the last eval batch)."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    weights: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How to fine-tune, independent of the data.
+
+    Attributes:
+      method: one of :data:`METHODS`.
+      epochs: passes over the training data.
+      learning_rate: peak rate of the adapter vectors.
+      head_learning_rate: peak rate of the classifier head (``cdvft`` and ``head``).
+      alpha: CDVFT scale.
+      block_size: CDVFT circulant block size (``None``: one block per square layer).
+      weight_decay: AdamW decoupled weight decay.
+      warmup_ratio: share of the steps with a linear warm-up.
+      max_steps: stop after this many optimizer steps.
+      seed: seeds the head, the adapter, dropout and shuffling.
+      target_modules: the layers CDVFT adapts.
+      head_modules: the modules trained in full (the task head).
+    """
+
+    method: str = "cdvft"
+    epochs: int = 3
+    learning_rate: float = 5e-3
+    head_learning_rate: float = 5e-3
+    alpha: float = 1.0
+    block_size: int | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_steps: int | None = None
+    seed: int = 0
+    target_modules: tuple[str, ...] = ("query", "value")
+    head_modules: tuple[str, ...] = ("classifier",)
+
+
+class MethodSetup(NamedTuple):
+    """What a fine-tuning method hands the loop."""
+
+    apply: Callable[..., Any]
+    trainable: dict
+    frozen: dict
+    optimizer: optax.GradientTransformation
+    describe: str
+
+
+def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
+    warmup = max(1, round(warmup_ratio * total_steps))
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak, warmup),
+            optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup)),
+        ],
+        [warmup],
+    )
+
+
+def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: int) -> MethodSetup:
+    """The trainable/frozen split and optimizer of method ``name`` for a Hugging Face Flax ``model``."""
+    head_lr = schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio)
+
+    def in_head(path: str) -> bool:
+        return matches_within(path, settings.head_modules)
+
+    if name == "cdvft":
+        adapter_config = cdvft_jax.CDVFTConfig(
+            target_modules=list(settings.target_modules),
+            modules_to_save=list(settings.head_modules),
+            alpha=settings.alpha,
+            block_size=settings.block_size,
+        )
+        adapted = cdvft_jax.inject(model, adapter_config)
+        params = adapted.init(jax.random.key(settings.seed), model.params)
+        trainable, frozen = adapted.split(params)
+        optimizer = cdvft_jax.adapter_optimizer(
+            adapted,
+            adapter_learning_rate=schedule(settings.learning_rate, total_steps, settings.warmup_ratio),
+            head_learning_rate=head_lr,
+            weight_decay=settings.weight_decay,
+        )
+        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)))
+    if name == "head":
+        trainable, frozen = cdvft_jax.split_params(model.params, in_head)
+        optimizer = optax.adamw(head_lr, weight_decay=settings.weight_decay)
+    elif name == "full":
+        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
+        optimizer = optax.adamw(
+            schedule(FULL_LEARNING_RATE, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay
+        )
+    else:
+        raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
+    count = cdvft_jax.count_params(trainable)
+    total = count + cdvft_jax.count_params(frozen)
+    return MethodSetup(model.__call__, trainable, frozen, optimizer, f"trainable params: {count:,} of {total:,}")
+
+
+def make_loss(apply: Callable[..., Any], regression: bool):
+    """Mean cross-entropy (or squared error for regression), weighted by ``batch.weights``."""
+
+    def loss_fn(params, batch: Batch, rng: jax.Array) -> jax.Array:
+        logits = apply(**batch.inputs, params=params, train=True, dropout_rng=rng).logits
+        if regression:
+            per_example = (logits[:, 0] - batch.labels) ** 2
+        else:
+            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        return jnp.sum(per_example * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
+
+    return loss_fn
+
+
+def make_predict(apply: Callable[..., Any], regression: bool):
+    """``predict(params, batch)``: class ids, or scores for regression."""
+
+    def predict(params, batch: Batch) -> jax.Array:
+        logits = apply(**batch.inputs, params=params, train=False).logits
+        return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
+
+    return predict
+
+
+class Evaluation(NamedTuple):
+    """How to score a model on the dev set."""
+
+    batches: Callable[[], Iterator[Batch]]
+    labels: np.ndarray
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metric_names: Sequence[str]
+    main_metric: str
+
+
+def evaluate(eval_step, trainable, frozen, evaluation: Evaluation) -> dict[str, float]:
+    """The dev metrics of the model ``(trainable, frozen)``."""
+    predictions = []
+    for batch in evaluation.batches():
+        out = np.asarray(eval_step(trainable, frozen, batch))
+        predictions.append(out[batch.weights > 0])
+    return evaluation.metrics(np.concatenate(predictions), evaluation.labels)
+
+
+def train_and_evaluate(
+    model: Any,
+    settings: TrainSettings,
+    *,
+    method: str,
+    steps_per_epoch: int,
+    train_batches: Callable[[int], Iterator[Batch]],
+    evaluation: Evaluation,
+    regression: bool,
+    log_path: Path,
+    description: str,
+) -> dict:
+    """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
+
+    Args:
+      model: a Hugging Face Flax model with its pretrained params.
+      settings: the method's hyper-parameters.
+      method: one of :data:`METHODS`.
+      steps_per_epoch: full batches per epoch.
+      train_batches: ``train_batches(epoch)`` yields that epoch's batches; it must depend only on the
+        epoch (and fixed seeds), so that a run is reproducible.
+      evaluation: the dev set and its metrics.
+      regression: one output, squared-error loss.
+      log_path: ``metrics.jsonl``; one JSON object per evaluation is appended.
+      description: the progress bar's label.
+
+    Returns:
+      The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
+    """
+    if steps_per_epoch == 0:
+        raise SystemExit("the training set is smaller than one batch")
+    total_steps = steps_per_epoch * settings.epochs
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    setup = setup_method(method, model, settings, total_steps)
+    print(f"[{method}] {setup.describe}", flush=True)
+    state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
+    train_step = cdvft_jax.make_train_step(make_loss(setup.apply, regression), setup.optimizer)
+    eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
+    before = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+    records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
+    _append_jsonl(log_path, records[-1])
+
+    dropout_key = jax.random.key(settings.seed)
+    step, start = 0, time.perf_counter()
+    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True) as bar:
+        for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
+            losses = []
+            for batch in train_batches(epoch):
+                if step == total_steps:
+                    break
+                state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
+                losses.append(metrics["loss"])
+                step += 1
+                if step % 10 == 0 or step == total_steps:
+                    rate = step * len(batch.labels) / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", ex_per_s=f"{rate:.0f}")
+                bar.update(1)
+            result = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+            train_loss = float(np.mean([float(x) for x in losses])) if losses else None
+            records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
+            _append_jsonl(log_path, records[-1])
+            bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
+    seconds = time.perf_counter() - start
+    best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
+    return {
+        "method": method,
+        "trainable_params": cdvft_jax.count_params(state.trainable),
+        "before": before,
+        "best": {m: best[m] for m in evaluation.metric_names},
+        "best_epoch": best["epoch"],
+        "train_seconds": seconds,
+        "steps": step,
+        "steps_per_second": step / seconds if seconds > 0 else None,
+    }
+
+
+def _score(record: dict, metric: str) -> float:
+    value = record[metric]
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_results(
+    output_dir: Path, *, task: str, model: str, settings: TrainSettings, config: dict, runs: list[dict]
+) -> dict:
+    """Writes ``results.json`` (the first run is the main one) and returns its content."""
+    main = runs[0]
+    results = {
+        "task": task,
+        "model": model,
+        "method": main["method"],
+        "seed": settings.seed,
+        "trainable_params": main["trainable_params"],
+        "best": main["best"],
+        "best_epoch": main["best_epoch"],
+        "before": main["before"],
+        "train_seconds": main["train_seconds"],
+        "steps_per_second": main["steps_per_second"],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
+        "runs": runs,
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summary_table(task: str, main_metric: str, runs: list[dict]) -> str:
+    """A markdown table of each run's main dev metric before and after training."""
+    rows = [
+        f"\ndev {main_metric} on {task}:",
+        "| method | trainable params | before | after (best epoch) | train s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        rows.append(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['before'][main_metric]:.4f} | "
+            f"{r['best'][main_metric]:.4f} ({r['best_epoch']}) | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(rows)
