@@ -11,9 +11,12 @@ The public API:
   :class:`CDVDense` for models you write yourself;
 * training: :func:`adapter_optimizer`, :func:`single_tree_optimizer`,
   :func:`make_train_step`, :func:`make_eval_step`, :class:`TrainState`;
+* files: :func:`save_adapter`, :func:`load_adapter` (a few-hundred-KB adapter folder);
 * trees: :func:`split_params`, :func:`merge_params`, :func:`count_params`.
 """
 
+from cdvft_jax._version import __version__
+from cdvft_jax.adapter_io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from cdvft_jax.cdv import (
     CDVShape,
     block_circulant_apply,
@@ -49,14 +52,13 @@ from cdvft_jax.training import (
     single_tree_optimizer,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "CDVFT",
     "INIT_SCHEMES",
     "AdaptedLayer",
     "AdaptedModel",
     "AdapterConfig",
+    "AdapterFileError",
     "AdapterMethod",
     "CDVDense",
     "CDVFTConfig",
@@ -81,9 +83,12 @@ __all__ = [
     "find_dense_layers",
     "init_train_state",
     "inject",
+    "load_adapter",
     "make_eval_step",
     "make_train_step",
     "merge_params",
+    "read_adapter_config",
+    "save_adapter",
     "single_tree_optimizer",
     "split_params",
     "valid_block_sizes",

@@ -38,9 +38,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-# The package object, not its attributes: cdvft_jax/__init__.py sets __version__
-# after importing its submodules, so the version is read at call time.
-import cdvft_jax
+from cdvft_jax._version import __version__
 from cdvft_jax.config import config_from_dict
 from cdvft_jax.injection import AdaptedModel, inject
 from cdvft_jax.params import flat_params, unflat_params
@@ -91,7 +89,6 @@ def save_adapter(
     params: Params,
     *,
     base_model: str | None = None,
-    base_model_class: str | None = None,
 ) -> Path:
     """Writes the trainable leaves of ``params`` and their description to ``directory``.
 
@@ -112,11 +109,6 @@ def save_adapter(
       adapted: the adapted model the params belong to.
       params: params holding every adapter and ``modules_to_save`` leaf.
       base_model: name or path of the base checkpoint, recorded for the reader.
-      base_model_class: class name of the model the adapter was injected into;
-        :func:`load_adapter` refuses a model of another class.  Defaults to the
-        class of the Hugging Face model ``adapted`` calls; a linen module
-        cannot be recovered from ``adapted``, so pass
-        ``type(module).__name__`` for one (otherwise the class is not checked).
 
     Returns:
       ``directory`` as a :class:`~pathlib.Path`.
@@ -141,18 +133,13 @@ def save_adapter(
         if tuple(leaf.shape) != expected[path]:
             raise ValueError(f"params leaf {path!r} has shape {tuple(leaf.shape)}, the model expects {expected[path]}")
     tensors = {path: np.ascontiguousarray(leaf, dtype=np.float32) for path, leaf in trainable.items()}
-    if base_model_class is None:
-        # inject() calls a Hugging Face model through its bound __call__; a linen
-        # module's apply_fn is a plain closure with no owner to name.
-        owner = getattr(adapted.apply_fn, "__self__", None)
-        base_model_class = None if owner is None else type(owner).__name__
     document = {
         "format_version": FORMAT_VERSION,
         "library": _LIBRARY,
-        "library_version": cdvft_jax.__version__,
+        "library_version": __version__,
         "adapter": adapted.config.to_dict(),
         "base_model": base_model,
-        "base_model_class": base_model_class,
+        "base_model_class": adapted.model_class,
         "layers": _layer_entries(adapted),
         "modules_to_save": {path: list(shape) for path, shape in _saved_module_shapes(adapted).items()},
     }
@@ -236,7 +223,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: format_version should be a positive integer, found {version!r}")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
-            f"{path} has format_version {version}, but cdvft_jax {cdvft_jax.__version__} reads format_version "
+            f"{path} has format_version {version}, but cdvft_jax {__version__} reads format_version "
             f"{FORMAT_VERSION} at most; upgrade cdvft_jax to load this adapter"
         )
     _check_structure(data, path)
@@ -368,9 +355,7 @@ def _read_tensors(path: Path, expected: Mapping[str, Shape]) -> dict[str, np.nda
                 tensor = f.get_slice(key)
                 shape = tuple(tensor.get_shape())
                 if shape != expected[key]:
-                    raise AdapterFileError(
-                        f"{path}: tensor {key!r} should have shape {expected[key]}, found {shape}"
-                    )
+                    raise AdapterFileError(f"{path}: tensor {key!r} should have shape {expected[key]}, found {shape}")
                 if tensor.get_dtype() != "F32":
                     raise AdapterFileError(
                         f"{path}: tensor {key!r} has dtype {tensor.get_dtype()}; adapters are stored as float32 (F32)"
@@ -398,9 +383,7 @@ def _layer_entries(adapted: AdaptedModel) -> dict[str, dict[str, Any]]:
 def _saved_module_shapes(adapted: AdaptedModel) -> dict[str, Shape]:
     """``{param path: shape}`` of the base leaves inside ``modules_to_save``."""
     return {
-        path: tuple(leaf.shape)
-        for path, leaf in adapted.base_shapes.items()
-        if adapted.config.in_modules_to_save(path)
+        path: tuple(leaf.shape) for path, leaf in adapted.base_shapes.items() if adapted.config.in_modules_to_save(path)
     }
 
 

@@ -143,6 +143,7 @@ class AdaptedModel:
       dense_layers: every ``nn.Dense`` layer in the model, by path.
       layers: the adapted layers, by path.
       base_shapes: ``{param path: ShapeDtypeStruct}`` of the base model.
+      model_class: class name of the model injected into (e.g. ``FlaxRobertaForSequenceClassification``).
     """
 
     config: AdapterConfig
@@ -150,6 +151,7 @@ class AdaptedModel:
     dense_layers: Mapping[str, DenseLayer]
     layers: Mapping[str, AdaptedLayer]
     base_shapes: Mapping[str, Any]
+    model_class: str
 
     @property
     def method(self):
@@ -337,7 +339,7 @@ def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs
             layer_config = config.layer_config(path)
             shapes = layer_config.adapter_method.param_shapes(dense.d_in, dense.d_out, layer_config, path)
             layers[path] = AdaptedLayer(path, dense.d_in, dense.d_out, layer_config, shapes)
-    return AdaptedModel(config, apply_fn, dense_layers, layers, base_shapes)
+    return AdaptedModel(config, apply_fn, dense_layers, layers, base_shapes, type(model).__name__)
 
 
 def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
