@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cdvft_jax
 from train import text
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -61,6 +62,14 @@ def test_sst2_run_writes_what_it_claims(tmp_path, tiny_model):
     assert results["best"]["accuracy"] == best["accuracy"] and results["best_epoch"] == best["epoch"]
     # Accuracy on 40 examples is a multiple of 1/40.
     assert float(results["best"]["accuracy"] * 40).is_integer()
+    # The trained adapter is saved and loads back into a fresh base model.
+    from transformers import FlaxBertForSequenceClassification
+
+    adapter = tmp_path / "out" / "adapter"
+    assert cdvft_jax.read_adapter_config(adapter)["base_model"] == str(tiny_model)
+    fresh = FlaxBertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    _, params = cdvft_jax.load_adapter(adapter, fresh)
+    assert cdvft_jax.count_params(params) - cdvft_jax.count_params(fresh.params) == 2 * 2 * 3 * 32
 
 
 @needs_glue

@@ -273,6 +273,8 @@ def run(config: ImageConfig) -> dict:
         regression=False,
         log_path=log,
         description=f"{config.method} images",
+        adapter_dir=config.output_dir / "adapter",
+        base_model=config.model,
     )
     task = config.dataset or str(config.image_dir)
     results = write_results(

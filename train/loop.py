@@ -78,6 +78,7 @@ class MethodSetup(NamedTuple):
     frozen: dict
     optimizer: optax.GradientTransformation
     describe: str
+    adapted: cdvft_jax.AdaptedModel | None = None
 
 
 def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -115,7 +116,7 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
             head_learning_rate=head_lr,
             weight_decay=settings.weight_decay,
         )
-        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)))
+        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)), adapted)
     if name == "head":
         trainable, frozen = cdvft_jax.split_params(model.params, in_head)
         optimizer = optax.adamw(head_lr, weight_decay=settings.weight_decay)
@@ -185,6 +186,8 @@ def train_and_evaluate(
     regression: bool,
     log_path: Path,
     description: str,
+    adapter_dir: Path | None = None,
+    base_model: str | None = None,
 ) -> dict:
     """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
 
@@ -199,6 +202,8 @@ def train_and_evaluate(
       regression: one output, squared-error loss.
       log_path: ``metrics.jsonl``; one JSON object per evaluation is appended.
       description: the progress bar's label.
+      adapter_dir: where to save the trained adapter (``save_adapter``'s folder), for adapter methods.
+      base_model: the base model's name or path, recorded in the adapter file.
 
     Returns:
       The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
@@ -238,6 +243,8 @@ def train_and_evaluate(
             _append_jsonl(log_path, records[-1])
             bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
     seconds = time.perf_counter() - start
+    if adapter_dir is not None and setup.adapted is not None:
+        cdvft_jax.save_adapter(adapter_dir, setup.adapted, state.trainable, base_model=base_model)
     best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
     return {
         "method": method,

@@ -240,7 +240,7 @@ def run(config: TextConfig) -> dict:
 
     methods = [config.method] + (["head"] if config.compare_head and config.method != "head" else [])
     runs = []
-    for name in methods:
+    for index, name in enumerate(methods):
         # A fresh model per method: from_pretrained seeds the new head from --seed.
         model = FlaxAutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=spec.num_labels, seed=config.seed
@@ -256,6 +256,8 @@ def run(config: TextConfig) -> dict:
                 regression=regression,
                 log_path=log,
                 description=f"{name} {spec.name}",
+                adapter_dir=config.output_dir / "adapter" if index == 0 else None,
+                base_model=model_path,
             )
         )
     results = write_results(
