@@ -11,9 +11,9 @@ loads with ``from_pretrained`` and runs at the base model's cost, with no
   The conversion (:func:`flax_to_torch_state_dict`) is done with numpy, so
   exporting never needs PyTorch installed.
 
-From the command line (base model and adapter in, checkpoint out)::
+From the command line, with the base model the adapter records (``--base`` names another copy of it)::
 
-    python -m cdvft_jax.export --adapter runs/sst2/adapter --base roberta-base --format torch --out exported/
+    python -m cdvft_jax.export --adapter runs/sst2/adapter --format torch --out exported/
 
 Example:
   >>> import numpy as np
@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from cdvft_jax.params import flat_params
 
-__all__ = ["flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
+__all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
 
 Params = Mapping[str, Any]
 
 TORCH_WEIGHTS_NAME = "model.safetensors"
+"""The weights file :func:`save_merged_torch` writes, the name transformers' PyTorch loader looks for."""
 
 
 def flax_to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
@@ -169,10 +171,6 @@ def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) ->
       ValueError: if ``merged_params`` does not have exactly the model's
         leaves and shapes (e.g. adapter leaves were not merged).
     """
-    # safetensors comes with transformers, which any Hugging Face model already needs; importing it here keeps
-    # `import cdvft_jax` free of it.
-    from safetensors.numpy import save_file
-
     architecture = _torch_class_name(model)
     _check_merged(model, merged_params)
     out = Path(out_dir)
@@ -186,31 +184,27 @@ def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) ->
     return out
 
 
-def _load_base_model(name_or_path: str, num_labels: int | None, from_pt: bool) -> Any:
-    """The base checkpoint as a Flax sequence or image classifier, chosen by its config's model type.
+def _load_base_model(name_or_path: str, model_class: str | None, num_labels: int | None, from_pt: bool) -> Any:
+    """The base checkpoint as an instance of ``model_class``, the Flax class the adapter was saved from.
 
-    The Flax sequence- and image-classification mappings share no model type,
-    so the config decides unambiguously and nothing is loaded twice.
+    The recorded class, rather than a guess from the checkpoint's config
+    through one task's Auto class, is exactly what
+    :func:`~cdvft_jax.adapter_io.load_adapter` accepts.
     """
-    from transformers import AutoConfig, FlaxAutoModelForImageClassification, FlaxAutoModelForSequenceClassification
-    from transformers.models.auto.modeling_flax_auto import (
-        FLAX_MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
-        FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
-    )
+    import transformers
 
+    # The prefix test comes first: looking up a PyTorch class name on transformers would import torch.
+    is_flax = model_class is not None and model_class.startswith("Flax")
+    model_cls = getattr(transformers, model_class, None) if is_flax else None
+    if model_cls is None:
+        raise ValueError(
+            f"the adapter records the model class {model_class!r}, which is not a transformers Flax class; "
+            "only adapters of Hugging Face Flax models can be exported"
+        )
     overrides = {} if num_labels is None else {"num_labels": num_labels}
-    config = AutoConfig.from_pretrained(name_or_path, **overrides)
-    for mapping, auto_class in [
-        (FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, FlaxAutoModelForSequenceClassification),
-        (FLAX_MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, FlaxAutoModelForImageClassification),
-    ]:
-        if type(config) in mapping:
-            # A head of another size in the checkpoint is replaced, as the training script's was.
-            return auto_class.from_pretrained(
-                name_or_path, config=config, from_pt=from_pt, ignore_mismatched_sizes=num_labels is not None
-            )
-    raise ValueError(
-        f"{name_or_path}: model type {config.model_type!r} has no Flax sequence- or image-classification class"
+    # A head of another size in the checkpoint is replaced, as it was when the adapter was trained.
+    return model_cls.from_pretrained(
+        name_or_path, from_pt=from_pt, ignore_mismatched_sizes=num_labels is not None, **overrides
     )
 
 
@@ -220,16 +214,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Merge a saved CDVFT adapter into its base model and save a plain Flax or PyTorch checkpoint.",
     )
     p.add_argument("--adapter", type=Path, required=True, help="folder written by cdvft_jax.adapter_io.save_adapter")
-    p.add_argument(
-        "--base",
-        required=True,
-        help="hub name or local folder of the base model; its config's model type picks the sequence- or "
-        "image-classification class",
-    )
+    p.add_argument("--base", help="hub name or local folder of the base model (default: the one the adapter records)")
     p.add_argument("--format", choices=("torch", "flax"), default="torch", help="checkpoint to write (default: torch)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
     p.add_argument(
-        "--num-labels", type=int, help="classifier size the adapter was trained with (default: the base config's)"
+        "--num-labels",
+        type=int,
+        help="classifier size the adapter was trained with, when it differs from the base checkpoint's",
     )
     p.add_argument("--from-pt", action="store_true", help="the base checkpoint has PyTorch weights only")
     return p
@@ -238,35 +229,42 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m cdvft_jax.export``: load base, apply adapter, merge, save.
 
+    The base model is loaded as the Flax class recorded in the adapter
+    (``base_model_class``, e.g. ``FlaxRobertaForSequenceClassification``)
+    from ``--base``, or from the adapter's recorded ``base_model`` when
+    ``--base`` is not given.
+
     Args:
       argv: command-line arguments without the program name (default:
         ``sys.argv[1:]``).
 
     Returns:
-      The exit status: 0 on success, 1 when the base model, adapter or output
+      The exit status: 0 on success, 1 when the adapter, base model or output
       cannot be used (the reason goes to stderr).  Bad arguments exit with
       argparse's status 2.
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.adapter.is_dir():
-        parser.error(f"--adapter {args.adapter} is not a folder")
     if args.num_labels is not None and args.num_labels < 1:
         parser.error(f"--num-labels must be positive, got {args.num_labels}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
-    # Imported here: only the CLI needs adapter loading; the functions above work on params alone.
-    from cdvft_jax.adapter_io import load_adapter
+    # Imported here: the functions above work on params alone and must not depend on adapter folders.
+    from cdvft_jax.adapter_io import load_adapter, read_adapter_config
 
     save = save_merged_torch if args.format == "torch" else save_merged_flax
     try:
-        model = _load_base_model(args.base, args.num_labels, args.from_pt)
+        info = read_adapter_config(args.adapter)
+        base = args.base or info["base_model"]
+        if base is None:
+            raise ValueError(f"the adapter in {args.adapter} records no base model; pass --base")
+        model = _load_base_model(base, info["base_model_class"], args.num_labels, args.from_pt)
         adapted, params = load_adapter(args.adapter, model)
         out = save(model, adapted.merge(params), args.out)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote a merged {args.format} checkpoint of {type(model).__name__.removeprefix('Flax')} to {out}")
+    print(f"wrote a merged {args.format} checkpoint of {base} with the adapter {args.adapter} to {out}")
     return 0
 
 

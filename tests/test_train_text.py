@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import cdvft_jax
 from train import text
@@ -149,3 +150,40 @@ def test_presets_fill_unset_flags_and_flags_win():
     assert quick.task == "tweets" and quick.compare_head and quick.max_train_samples is not None
     with pytest.raises(SystemExit, match="unknown --task"):
         text.parse_args(["--task", "nope"])
+
+
+@needs_glue
+def test_resume_after_an_interruption_ends_where_a_straight_run_ends(tmp_path, tiny_model, monkeypatch):
+    args = (
+        *("--task", "cola", "--data-dir", str(GLUE / "CoLA"), "--max-train-samples", "48"),
+        *("--max-eval-samples", "32", "--epochs", "2", "--checkpoint-every", "2"),
+    )
+    straight, straight_records = run(tmp_path / "straight", tiny_model, *args)
+
+    real_make_train_step = cdvft_jax.make_train_step
+
+    def make_interrupted_step(*a, **kw):
+        step = real_make_train_step(*a, **kw)
+
+        def interrupted(state, *rest):
+            if int(state.step) == 4:  # after the checkpoint of step 4, in the second epoch
+                raise KeyboardInterrupt
+            return step(state, *rest)
+
+        return interrupted
+
+    monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", tiny_model, *args)
+    monkeypatch.setattr(cdvft_jax, "make_train_step", real_make_train_step)
+    resumed, resumed_records = run(tmp_path / "resumed", tiny_model, *args, "--resume")
+
+    assert resumed_records == straight_records
+    assert resumed["best"] == straight["best"]
+    saved = [
+        safetensors.numpy.load_file(tmp_path / name / "out" / "adapter" / "adapter_model.safetensors")
+        for name in ("straight", "resumed")
+    ]
+    assert saved[0].keys() == saved[1].keys()
+    for key in saved[0]:
+        np.testing.assert_array_equal(saved[1][key], saved[0][key], err_msg=key)

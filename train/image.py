@@ -65,6 +65,8 @@ class ImageConfig:
     max_eval_samples: int | None = None
     seed: int = 0
     output_dir: Path = Path("outputs/image")
+    checkpoint_every: int | None = None
+    resume: bool = False
 
 
 def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageSet:
@@ -240,7 +242,8 @@ def run(config: ImageConfig) -> dict:
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
     log = config.output_dir / "metrics.jsonl"
-    log.unlink(missing_ok=True)
+    if not config.resume:
+        log.unlink(missing_ok=True)
     settings = TrainSettings(
         method=config.method,
         epochs=config.epochs,
@@ -275,6 +278,9 @@ def run(config: ImageConfig) -> dict:
         description=f"{config.method} images",
         adapter_dir=config.output_dir / "adapter",
         base_model=config.model,
+        checkpoint_dir=config.output_dir / "checkpoints" / config.method,
+        checkpoint_every=config.checkpoint_every,
+        resume=config.resume,
     )
     task = config.dataset or str(config.image_dir)
     results = write_results(
@@ -311,6 +317,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     p.add_argument("--max-eval-samples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path("outputs/image"))
+    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     args = p.parse_args(argv)
     return ImageConfig(**vars(args))
 

@@ -23,6 +23,7 @@ import optax
 from tqdm import tqdm
 
 import cdvft_jax
+from cdvft_jax.checkpoint import TrainingCheckpointer
 from cdvft_jax.config import matches_within
 
 METHODS = ("cdvft", "head", "full")
@@ -188,6 +189,9 @@ def train_and_evaluate(
     description: str,
     adapter_dir: Path | None = None,
     base_model: str | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
 
@@ -204,6 +208,10 @@ def train_and_evaluate(
       description: the progress bar's label.
       adapter_dir: where to save the trained adapter (``save_adapter``'s folder), for adapter methods.
       base_model: the base model's name or path, recorded in the adapter file.
+      checkpoint_dir: where to keep Orbax checkpoints of the trainable state (``None``: none).
+      checkpoint_every: save every this many steps (and always after the last one).
+      resume: continue from the latest checkpoint in ``checkpoint_dir``, keeping the evaluations already
+        in ``log_path``; a resumed run ends bitwise identical to an uninterrupted one on CPU.
 
     Returns:
       The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
@@ -218,30 +226,58 @@ def train_and_evaluate(
     state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
     train_step = cdvft_jax.make_train_step(make_loss(setup.apply, regression), setup.optimizer)
     eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
-    before = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
-    records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
-    _append_jsonl(log_path, records[-1])
 
     dropout_key = jax.random.key(settings.seed)
-    step, start = 0, time.perf_counter()
-    with tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True) as bar:
-        for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
-            losses = []
-            for batch in train_batches(epoch):
-                if step == total_steps:
-                    break
-                state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
-                losses.append(metrics["loss"])
-                step += 1
-                if step % 10 == 0 or step == total_steps:
-                    rate = step * len(batch.labels) / (time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", ex_per_s=f"{rate:.0f}")
-                bar.update(1)
-            result = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
-            train_loss = float(np.mean([float(x) for x in losses])) if losses else None
-            records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
-            _append_jsonl(log_path, records[-1])
-            bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
+    position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every or total_steps)
+        restored = checkpointer.restore_latest(state, dropout_key) if resume else None
+        if restored is not None:
+            state, dropout_key, position = restored
+            print(f"[{method}] resumed from step {int(state.step)} in {checkpoint_dir}", flush=True)
+    step = int(state.step)
+    # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
+    records = _logged_records(log_path, method, step) if resume else []
+    if not records:
+        before = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+        records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
+        _append_jsonl(log_path, records[-1])
+
+    first_step, start = step, time.perf_counter()
+    try:
+        with tqdm(total=total_steps, initial=step, desc=description, unit="step", dynamic_ncols=True) as bar:
+            for epoch in range(position["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
+                resumed_here = epoch == position["epoch"]
+                skip = position["batch"] if resumed_here else 0
+                loss_sum, loss_count = (position["loss_sum"], position["loss_count"]) if resumed_here else (0.0, 0)
+                for index, batch in enumerate(train_batches(epoch)):
+                    if index < skip:
+                        continue  # consumed before the restart; iterating keeps any augmentation RNG in step
+                    if step == total_steps:
+                        break
+                    state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
+                    step += 1
+                    loss_sum, loss_count = loss_sum + float(metrics["loss"]), loss_count + 1
+                    position = {"epoch": epoch, "batch": index + 1, "loss_sum": loss_sum, "loss_count": loss_count}
+                    if checkpointer is not None:
+                        checkpointer.maybe_save(step, state, dropout_key, position)
+                    if step % 10 == 0 or step == total_steps:
+                        rate = (step - first_step) * len(batch.labels) / (time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", ex_per_s=f"{rate:.0f}")
+                    bar.update(1)
+                if any(r["epoch"] == epoch for r in records):
+                    continue  # evaluated before the restart
+                result = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+                train_loss = loss_sum / loss_count if loss_count else None
+                records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
+                _append_jsonl(log_path, records[-1])
+                bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
+        if checkpointer is not None:
+            checkpointer.maybe_save(step, state, dropout_key, position, force=True)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()  # waits for pending asynchronous saves
     seconds = time.perf_counter() - start
     if adapter_dir is not None and setup.adapted is not None:
         cdvft_jax.save_adapter(adapter_dir, setup.adapted, state.trainable, base_model=base_model)
@@ -249,12 +285,12 @@ def train_and_evaluate(
     return {
         "method": method,
         "trainable_params": cdvft_jax.count_params(state.trainable),
-        "before": before,
+        "before": {m: records[0][m] for m in evaluation.metric_names},
         "best": {m: best[m] for m in evaluation.metric_names},
         "best_epoch": best["epoch"],
         "train_seconds": seconds,
         "steps": step,
-        "steps_per_second": step / seconds if seconds > 0 else None,
+        "steps_per_second": (step - first_step) / seconds if seconds > 0 else None,
     }
 
 
@@ -265,6 +301,16 @@ def _score(record: dict, metric: str) -> float:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _logged_records(path: Path, method: str, step: int) -> list[dict]:
+    """``method``'s evaluations in ``path`` up to ``step``; the file is rewritten without the later ones."""
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in lines if r["method"] != method or r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return [r for r in kept if r["method"] == method]
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -98,6 +98,8 @@ class TextConfig:
     seed: int = 0
     output_dir: Path = Path("outputs/text")
     compare_head: bool = False
+    checkpoint_every: int | None = None
+    resume: bool = False
 
 
 class Encoded(NamedTuple):
@@ -211,7 +213,8 @@ def run(config: TextConfig) -> dict:
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
     log = config.output_dir / "metrics.jsonl"
-    log.unlink(missing_ok=True)
+    if not config.resume:
+        log.unlink(missing_ok=True)
     settings = TrainSettings(
         method=config.method,
         epochs=config.epochs,
@@ -258,6 +261,9 @@ def run(config: TextConfig) -> dict:
                 description=f"{name} {spec.name}",
                 adapter_dir=config.output_dir / "adapter" if index == 0 else None,
                 base_model=model_path,
+                checkpoint_dir=config.output_dir / "checkpoints" / name,
+                checkpoint_every=config.checkpoint_every,
+                resume=config.resume,
             )
         )
     results = write_results(
@@ -303,6 +309,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path("outputs/text"))
+    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument(
         "--compare-head",
         action=argparse.BooleanOptionalAction,
@@ -333,6 +341,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         seed=args.seed,
         output_dir=args.output_dir,
         compare_head=task == "tweets" if args.compare_head is None else args.compare_head,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
         **values,
     )
 

@@ -1,0 +1,267 @@
+"""Exporting merged models: Flax and PyTorch checkpoints that reproduce the adapted model's logits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import HEAD, make_inputs, make_model
+from transformers import FlaxBertForSequenceClassification
+
+import cdvft_jax
+from cdvft_jax import CDVFTConfig
+from cdvft_jax.adapter_io import save_adapter
+from cdvft_jax.export import flax_to_torch_state_dict, main, save_merged_flax, save_merged_torch
+from cdvft_jax.params import flat_params, unflat_params
+
+TORCH_SKIP = "PyTorch is an optional test dependency; the PyTorch load checks need it"
+
+
+class Case(NamedTuple):
+    family: str
+    model: Any
+    adapted: cdvft_jax.AdaptedModel
+    params: dict
+    merged: dict
+    inputs: dict
+    logits: np.ndarray
+
+
+def adapt(model, family: str) -> tuple[cdvft_jax.AdaptedModel, dict]:
+    config = CDVFTConfig(init="random", alpha=0.5, modules_to_save=[HEAD[family]])
+    adapted = cdvft_jax.inject(model, config)
+    return adapted, adapted.init(jax.random.key(1), model.params)
+
+
+@pytest.fixture(scope="module", params=["roberta", "bert", "vit"])
+def case(request) -> Case:
+    family = request.param
+    model = make_model(family)
+    adapted, params = adapt(model, family)
+    inputs, _ = make_inputs(family)
+    logits = np.asarray(adapted(**inputs, params=params).logits)
+    # A random adapter must move the logits, or matching them would prove nothing.
+    assert not np.allclose(logits, np.asarray(model(**inputs).logits), atol=1e-3)
+    return Case(family, model, adapted, params, adapted.merge(params), inputs, logits)
+
+
+def assert_close(actual, expected, rtol: float) -> None:
+    scale = float(np.max(np.abs(expected)))
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol, atol=1e-5 * scale)
+
+
+def torch_inputs(torch, family: str, inputs: dict) -> dict:
+    # torch.tensor copies: JAX hands out read-only buffers, which torch.from_numpy warns about.
+    if family == "vit":
+        return {"pixel_values": torch.tensor(np.asarray(inputs["pixel_values"]), dtype=torch.float32)}
+    ids = torch.tensor(np.asarray(inputs["input_ids"]), dtype=torch.int64)
+    out = {"input_ids": ids, "attention_mask": torch.tensor(np.asarray(inputs["attention_mask"]), dtype=torch.int64)}
+    if family == "bert":
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
+
+
+def load_torch(out_dir, family: str):
+    """The PyTorch model from ``out_dir`` via the Auto class, asserting every weight was used and set."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if family == "vit" else AutoModelForSequenceClassification
+    pt_model, info = auto.from_pretrained(out_dir, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info
+    assert info["mismatched_keys"] == [] and info["error_msgs"] == [], info
+    return pt_model.eval()
+
+
+def torch_logits(pt_model, family: str, inputs: dict) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return pt_model(**torch_inputs(torch, family, inputs)).logits.numpy()
+
+
+def test_flax_checkpoint_reloads_with_the_adapted_logits(case, tmp_path):
+    out = save_merged_flax(case.model, case.merged, tmp_path / "flax")
+    assert {p.name for p in out.iterdir()} == {"config.json", "flax_model.msgpack"}
+    reloaded = type(case.model).from_pretrained(out)
+    assert_close(reloaded(**case.inputs).logits, case.logits, rtol=1e-5)
+
+
+def test_torch_checkpoint_gives_the_adapted_logits(case, tmp_path):
+    pytest.importorskip("torch", reason=TORCH_SKIP)
+    config_before = case.model.config.to_dict()
+    out = save_merged_torch(case.model, case.merged, tmp_path / "torch")
+    assert case.model.config.to_dict() == config_before
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [type(case.model).__name__.removeprefix("Flax")]
+    pt_model = load_torch(out, case.family)
+    assert type(pt_model).__name__ == config["architectures"][0]
+    assert_close(torch_logits(pt_model, case.family, case.inputs), case.logits, rtol=1e-4)
+
+
+def test_unmerged_params_are_refused(case, tmp_path):
+    for save in (save_merged_flax, save_merged_torch):
+        with pytest.raises(ValueError, match=r"AdaptedModel\.merge"):
+            save(case.model, case.params, tmp_path)
+    flat = flat_params(case.merged)
+    del flat[next(p for p in flat if p.startswith(HEAD[case.family] + "/"))]
+    with pytest.raises(ValueError, match="missing leaves"):
+        save_merged_torch(case.model, unflat_params(flat), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_merged_torch_needs_a_flax_model(tmp_path):
+    with pytest.raises(TypeError, match="Hugging Face Flax model"):
+        save_merged_torch(object(), {}, tmp_path)
+
+
+def test_name_and_layout_mapping():
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((4, 6)).astype(np.float32)
+    conv = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)  # HWIO
+    scale, bias, table = np.arange(6.0), np.ones(6), rng.standard_normal((10, 4))
+    tree = {
+        "vit": {
+            "embeddings": {
+                "cls_token": np.zeros((1, 1, 4)),
+                "patch_embeddings": {"projection": {"kernel": conv, "bias": np.ones(7)}},
+            },
+            "layernorm": {"scale": scale, "bias": bias},
+        },
+        "word_embeddings": {"embedding": jnp.asarray(table, jnp.bfloat16)},
+        "classifier": {"kernel": jnp.asarray(dense), "bias": bias},
+    }
+    state = flax_to_torch_state_dict(tree)
+    assert list(state) == [
+        "vit.embeddings.cls_token",
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "vit.embeddings.patch_embeddings.projection.bias",
+        "vit.layernorm.weight",
+        "vit.layernorm.bias",
+        "word_embeddings.weight",
+        "classifier.weight",
+        "classifier.bias",
+    ]
+    np.testing.assert_array_equal(state["classifier.weight"], dense.T)
+    # OIHW: weight[o, i, h, w] == kernel[h, w, i, o].
+    weight = state["vit.embeddings.patch_embeddings.projection.weight"]
+    assert weight.shape == (7, 5, 2, 3)
+    np.testing.assert_array_equal(weight, np.einsum("hwio->oihw", conv))
+    np.testing.assert_array_equal(state["vit.layernorm.weight"], scale)
+    np.testing.assert_array_equal(state["word_embeddings.weight"], np.asarray(jnp.asarray(table, jnp.bfloat16), float))
+    for array in state.values():
+        assert array.dtype == np.float32 and array.flags.c_contiguous
+
+
+def test_batch_stats_are_refused():
+    with pytest.raises(ValueError, match="batch_stats"):
+        flax_to_torch_state_dict({"params": {}, "batch_stats": {}})
+
+
+def test_the_library_never_imports_torch(tmp_path):
+    code = (
+        "import sys, numpy as np, cdvft_jax, cdvft_jax.export\n"
+        "assert 'torch' not in sys.modules\n"
+        "from safetensors.numpy import save_file\n"
+        "state = cdvft_jax.export.flax_to_torch_state_dict({'d': {'kernel': np.ones((2, 3))}})\n"
+        f"save_file(state, {str(tmp_path / 'm.safetensors')!r}, metadata={{'format': 'pt'}})\n"
+        "assert 'torch' not in sys.modules, 'the export imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The command line, through adapter folders written by cdvft_jax.adapter_io.
+
+
+def save_case(case, tmp_path, base_model: str | None = "recorded") -> Path:
+    """Saves the case's base model under ``tmp_path/base`` and its adapter under ``tmp_path/adapter``."""
+    base = tmp_path / "base"
+    case.model.save_pretrained(base)
+    recorded = str(base) if base_model == "recorded" else base_model
+    return save_adapter(tmp_path / "adapter", case.adapted, case.params, base_model=recorded)
+
+
+@pytest.mark.parametrize("fmt", ["flax", "torch"])
+def test_cli_exports_the_merged_model(case, fmt, tmp_path, capsys):
+    adapter, out = save_case(case, tmp_path), tmp_path / "out"
+    # No --base: the adapter's recorded base model is used.
+    assert main(["--adapter", str(adapter), "--format", fmt, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    if fmt == "flax":
+        assert_close(type(case.model).from_pretrained(out)(**case.inputs).logits, case.logits, rtol=1e-5)
+    else:
+        pytest.importorskip("torch", reason=TORCH_SKIP)
+        assert_close(torch_logits(load_torch(out, case.family), case.family, case.inputs), case.logits, rtol=1e-4)
+
+
+def test_cli_base_and_num_labels(tmp_path, capsys):
+    # Trained as train.text does: the 3-label base checkpoint loaded with a new 5-label head.
+    base = tmp_path / "base"
+    make_model("bert").save_pretrained(base)
+    model = FlaxBertForSequenceClassification.from_pretrained(base, num_labels=5, ignore_mismatched_sizes=True)
+    adapted, params = adapt(model, "bert")
+    adapter = save_adapter(tmp_path / "adapter", adapted, params, base_model=None)
+    inputs, _ = make_inputs("bert")
+    expected = np.asarray(adapted(**inputs, params=params).logits)
+
+    argv = ["--adapter", str(adapter), "--format", "flax", "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    assert "records no base model; pass --base" in capsys.readouterr().err
+    assert main([*argv, "--base", str(base)]) == 1
+    assert "modules_to_save does not match" in capsys.readouterr().err
+    assert main([*argv, "--base", str(base), "--num-labels", "5"]) == 0
+    assert_close(FlaxBertForSequenceClassification.from_pretrained(tmp_path / "out")(**inputs).logits, expected, 1e-5)
+
+
+def test_cli_runs_as_a_module():
+    done = subprocess.run(
+        [sys.executable, "-m", "cdvft_jax.export", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--adapter" in done.stdout
+    # A RuntimeWarning here means the package imports cdvft_jax.export eagerly, so -m runs the module twice.
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out", "o"], "required: --adapter"),
+        (["--adapter", "a", "--out", "o", "--format", "onnx"], "invalid choice: 'onnx'"),
+        (["--adapter", "a", "--out", "o", "--num-labels", "0"], "must be positive"),
+        (["--adapter", "a", "--out", "{tmp}/file"], "exists and is not a folder"),
+    ],
+)
+def test_cli_argument_errors(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_unusable_inputs(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    assert main(["--adapter", str(tmp_path / "nope"), *out]) == 1
+    assert capsys.readouterr().err.startswith("python -m cdvft_jax.export: error: adapter directory")
+
+    # An adapter of a linen module records no Hugging Face class to load.
+    module = nn.Sequential([nn.Dense(4)])
+    x = jnp.ones((1, 4))
+    adapted = cdvft_jax.inject(module, CDVFTConfig(target_modules=["layers_0"]), x)
+    params = adapted.init(jax.random.key(0), module.init(jax.random.key(0), x)["params"])
+    save_adapter(tmp_path / "linen", adapted, params, base_model="somewhere")
+    assert main(["--adapter", str(tmp_path / "linen"), *out]) == 1
+    assert "not a transformers Flax class" in capsys.readouterr().err
+
+    missing = tmp_path / "no_model_here"
+    missing.mkdir()
+    adapter = save_adapter(tmp_path / "adapter", *adapt(make_model("bert"), "bert"), base_model=str(missing))
+    assert main(["--adapter", str(adapter), *out]) == 1
+    assert f"found in directory {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
