@@ -3,6 +3,8 @@
 import collections
 import math
 import re
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -545,3 +547,24 @@ def test_undefined_correlations_are_nan_without_warnings():
 def test_metric_errors(names, predictions, labels, message):
     with pytest.raises(ValueError, match=message):
         compute_metrics(names, predictions, labels)
+
+
+def test_glue_from_the_hub_maps_columns_and_labels(monkeypatch):
+    """The hub path with a stand-in ``datasets`` module (no network here): columns, splits and label ids."""
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return {"premise": ["p0", "p1"], "hypothesis": ["h0", "h1"], "label": [2, 0]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    dev = data.read_hub_glue("MNLI", "dev")
+    assert calls == [("glue", "mnli", "validation_matched")]
+    assert dev == [Example("p0", "h0", 2), Example("p1", "h1", 0)]
+    assert TASKS["mnli"].label_names[2] == "contradiction"  # hub label ids follow the TSV label order
+
+
+def test_glue_from_the_hub_without_datasets_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="pip install datasets"):
+        data.read_hub_glue("sst2", "train")

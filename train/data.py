@@ -645,6 +645,51 @@ def read_tweets_corpus() -> list[Example]:
     return _labelled_examples(path, records, spec)
 
 
+# Column names of the Hugging Face `datasets` "glue" configurations; their label ids follow TASKS' label order.
+_HUB_TEXT_COLUMNS = {
+    "sst2": ("sentence",),
+    "cola": ("sentence",),
+    "mrpc": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+    "mnli": ("premise", "hypothesis"),
+    "qqp": ("question1", "question2"),
+}
+
+
+def read_hub_glue(task: TaskSpec | str, split: Literal["train", "dev"]) -> list[Example]:
+    """A GLUE split from the Hugging Face ``datasets`` hub (``glue/<task>``); needs network access.
+
+    The dev split is ``validation`` (``validation_matched`` for MNLI).
+
+    Raises:
+        DataError: ``datasets`` is not installed, or the task is not a GLUE task.
+    """
+    spec = find_task(task) if isinstance(task, str) else task
+    key = _normalise_task_name(spec.name)
+    if key not in _HUB_TEXT_COLUMNS:
+        raise DataError(f"{spec.name} is not a GLUE task on the hub; GLUE tasks: {sorted(_HUB_TEXT_COLUMNS)}")
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(
+            f"reading {spec.name} from the hub needs `pip install datasets` and network access; "
+            "or pass --data-dir with the GLUE files"
+        ) from e
+    split_name = "train" if split == "train" else ("validation_matched" if key == "mnli" else "validation")
+    table = datasets.load_dataset("glue", key, split=split_name)
+    columns = _HUB_TEXT_COLUMNS[key]
+    texts = [table[c] for c in columns]
+    labels = table["label"]
+    return [
+        Example(
+            texts[0][i], texts[1][i] if len(texts) > 1 else None, float(label) if spec.is_regression else int(label)
+        )
+        for i, label in enumerate(labels)
+    ]
+
+
 def deduplicate(examples: Sequence[Example]) -> list[Example]:
     """``examples`` with each text pair kept once, in first-seen order; pairs seen with several labels are dropped."""
     labels: dict[tuple[str, str | None], set] = {}

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from train.data import Example, TaskSpec, find_task, read_glue_split, read_table, tweets_dataset
+from train.data import Example, TaskSpec, find_task, read_glue_split, read_hub_glue, read_table, tweets_dataset
 from train.loop import (
     METHODS,
     Batch,
@@ -142,10 +142,11 @@ def load_data(config: TextConfig) -> tuple[list[Example], list[Example], TaskSpe
         spec = TaskSpec.custom(label_names, regression=config.regression)
     else:
         spec = find_task(config.task)
-        if config.data_dir is None:
-            raise SystemExit(f"--task {config.task} needs --data-dir (a GLUE-layout folder with train.tsv, dev.tsv)")
-        train = read_glue_split(config.data_dir, spec, "train")
-        dev = read_glue_split(config.data_dir, spec, "dev")
+        if config.data_dir is None:  # the Hugging Face hub, when online
+            train, dev = read_hub_glue(spec, "train"), read_hub_glue(spec, "dev")
+        else:
+            train = read_glue_split(config.data_dir, spec, "train")
+            dev = read_glue_split(config.data_dir, spec, "dev")
     return _subset(train, config.max_train_samples, config.seed), _subset(dev, config.max_eval_samples, 0), spec
 
 
@@ -286,7 +287,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
     )
     p.add_argument("--model", help="hub name or local folder of a Flax/PyTorch HF checkpoint (default: MiniLM)")
     p.add_argument("--method", default="cdvft", choices=METHODS)
-    p.add_argument("--data-dir", type=Path, help="GLUE-layout folder with train.tsv and dev.tsv")
+    p.add_argument(
+        "--data-dir", type=Path, help="GLUE-layout folder with train.tsv and dev.tsv (default: the HF hub, online)"
+    )
     p.add_argument("--train-file", type=Path, help="CSV/TSV/JSONL training file (--task custom)")
     p.add_argument("--eval-file", type=Path, help="CSV/TSV/JSONL evaluation file (--task custom)")
     p.add_argument("--text-columns", default="text", help="comma-separated text column names (--task custom)")
