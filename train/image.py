@@ -27,7 +27,16 @@ import numpy as np
 from PIL import Image
 
 from train.data import DataError
-from train.loop import METHODS, Batch, Evaluation, TrainSettings, summary_table, train_and_evaluate, write_results
+from train.loop import (
+    METHODS,
+    Batch,
+    Evaluation,
+    TrainSettings,
+    prepare_output,
+    summary_table,
+    train_and_evaluate,
+    write_results,
+)
 from train.metrics import compute_metrics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -240,22 +249,8 @@ def run(config: ImageConfig) -> dict:
     size = model.config.image_size
     mean, std = normalisation(config.model)
 
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    log = config.output_dir / "metrics.jsonl"
-    if not config.resume:
-        log.unlink(missing_ok=True)
-    settings = TrainSettings(
-        method=config.method,
-        epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        head_learning_rate=config.head_learning_rate,
-        alpha=config.alpha,
-        block_size=config.block_size,
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        max_steps=config.max_steps,
-        seed=config.seed,
-    )
+    log = prepare_output(config.output_dir, resume=config.resume)
+    settings = TrainSettings.from_config(config)
     evaluation = Evaluation(
         batches=lambda: batches(dev, config.batch_size, size, mean, std, rng=None),
         labels=dev.labels,

@@ -70,6 +70,21 @@ class TrainSettings:
     target_modules: tuple[str, ...] = ("query", "value")
     head_modules: tuple[str, ...] = ("classifier",)
 
+    @classmethod
+    def from_config(cls, config: Any) -> TrainSettings:
+        """The settings named like attributes of a program's config; the others keep their defaults."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
+        return cls(**{name: getattr(config, name) for name in names})
+
+
+def prepare_output(output_dir: Path, *, resume: bool) -> Path:
+    """Creates ``output_dir`` and returns its ``metrics.jsonl``, emptied unless the run resumes."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = output_dir / "metrics.jsonl"
+    if not resume:
+        log.unlink(missing_ok=True)
+    return log
+
 
 class MethodSetup(NamedTuple):
     """What a fine-tuning method hands the loop."""

@@ -32,6 +32,7 @@ from train.loop import (
     Batch,
     Evaluation,
     TrainSettings,
+    prepare_output,
     summary_table,
     train_and_evaluate,
     write_results,
@@ -212,22 +213,8 @@ def run(config: TextConfig) -> dict:
     dev = encode(tokenizer, dev_examples, config.max_length, regression)
     print(f"{spec.name}: {len(train_examples):,} train / {len(dev_examples):,} dev examples, model {model_path}")
 
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    log = config.output_dir / "metrics.jsonl"
-    if not config.resume:
-        log.unlink(missing_ok=True)
-    settings = TrainSettings(
-        method=config.method,
-        epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        head_learning_rate=config.head_learning_rate,
-        alpha=config.alpha,
-        block_size=config.block_size,
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        max_steps=config.max_steps,
-        seed=config.seed,
-    )
+    log = prepare_output(config.output_dir, resume=config.resume)
+    settings = TrainSettings.from_config(config)
     pad_id = tokenizer.pad_token_id
     evaluation = Evaluation(
         batches=lambda: batches(dev, config.batch_size, pad_id, config.max_length, rng=None),
