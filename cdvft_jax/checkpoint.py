@@ -10,8 +10,8 @@ Each checkpoint is a step directory written by ``orbax.checkpoint``:
 
 * Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
   ``<step>`` only once every item is on disk.  A process that dies mid-save
-  leaves only the temporary directory, which is never listed as a step (and is
-  deleted when the next :class:`TrainingCheckpointer` opens the directory), so
+  leaves only the temporary directory, which is never listed as a step (the
+  next :class:`TrainingCheckpointer` to open the directory deletes it), so
   :meth:`TrainingCheckpointer.restore_latest` only ever sees finalized steps.
 * Orbax stores arrays without checksums: a flipped byte in a finalized step
   restores silently wrong values.  Each step therefore also records a CRC32 of
@@ -57,9 +57,9 @@ def _rng_tree(rng: jax.Array) -> dict[str, jax.Array]:
 def _checksums(tree: Any) -> _Record:
     record = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        host = np.ascontiguousarray(jax.device_get(leaf))
+        host = np.asarray(jax.device_get(leaf))
         record[jax.tree_util.keystr(path)] = {
-            "crc32": zlib.crc32(host.reshape(-1).view(np.uint8)),
+            "crc32": zlib.crc32(host.tobytes()),
             "dtype": str(host.dtype),
             "shape": list(host.shape),
         }
@@ -98,6 +98,9 @@ class TrainingCheckpointer:
 
     One process writes a directory: opening a checkpointer deletes unfinished
     temporary step directories left by a process that died mid-save.
+
+    Attributes:
+      directory: the checkpoint directory; step ``n`` lives in ``directory/n``.
 
     Example:
       A training loop that resumes where a killed run left off::
@@ -158,7 +161,7 @@ class TrainingCheckpointer:
         step: int,
         state: TrainState,
         rng: jax.Array,
-        data_position: Mapping[str, int],
+        data_position: Mapping[str, Any],
         force: bool = False,
     ) -> bool:
         """Saves a checkpoint at multiples of ``save_every``, or whenever ``force`` is set.
@@ -167,7 +170,8 @@ class TrainingCheckpointer:
           step: the number of train steps taken; names the checkpoint.
           state: the train state after ``step`` steps.
           rng: the run's base key (typed or raw), from which per-step keys are derived.
-          data_position: where to resume the data, JSON-serializable.
+          data_position: where to resume the data, e.g. ``{"epoch": 2, "batch": 17}``;
+            any JSON-serializable mapping (Python floats round-trip exactly).
           force: save even off the interval, e.g. after the last step.  A step
             that is already saved is not written again.
 
@@ -219,7 +223,8 @@ class TrainingCheckpointer:
         rng_tree = _rng_tree(rng_template)
         try:
             checksums = self._manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
-        except (KeyError, FileNotFoundError) as e:
+        # KeyError: no checksums item; ValueError: unreadable JSON.
+        except (KeyError, FileNotFoundError, ValueError) as e:
             raise CorruptCheckpointError(f"checkpoint {where} is incomplete: {e}") from e
         _check_template(checksums["state"], template, where)
         _check_template(checksums["rng"], rng_tree, where)
