@@ -11,7 +11,8 @@ The public API:
   :class:`CDVDense` for models you write yourself;
 * training: :func:`adapter_optimizer`, :func:`single_tree_optimizer`,
   :func:`make_train_step`, :func:`make_eval_step`, :class:`TrainState`;
-* files: :func:`save_adapter`, :func:`load_adapter` (a few-hundred-KB adapter folder);
+* files: :func:`save_adapter`, :func:`load_adapter` (a few-hundred-KB adapter folder),
+  :class:`TrainingCheckpointer` (Orbax checkpoints of the trainable state; resume);
 * trees: :func:`split_params`, :func:`merge_params`, :func:`count_params`.
 """
 
@@ -31,6 +32,7 @@ from cdvft_jax.cdv import (
     valid_block_sizes,
 )
 from cdvft_jax.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
+from cdvft_jax.checkpoint import CorruptCheckpointError, TrainingCheckpointer
 from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
 from cdvft_jax.injection import (
     AdaptedLayer,
@@ -63,8 +65,10 @@ __all__ = [
     "CDVDense",
     "CDVFTConfig",
     "CDVShape",
+    "CorruptCheckpointError",
     "DenseLayer",
     "TrainState",
+    "TrainingCheckpointer",
     "TrainableSummary",
     "__version__",
     "adapter_optimizer",
