@@ -106,9 +106,10 @@ def adapter_optimizer(
       eps: Adam's epsilon.
 
     Example:
-      >>> tx = adapter_optimizer(adapted, adapter_learning_rate=5e-2,
-      ...                        head_learning_rate=5e-3)  # doctest: +SKIP
-      >>> opt_state = tx.init(trainable)  # doctest: +SKIP
+      With ``adapted`` from :func:`~cdvft_jax.inject` and ``trainable`` from its ``split``::
+
+        tx = adapter_optimizer(adapted, adapter_learning_rate=5e-3, head_learning_rate=5e-3)
+        state = init_train_state(trainable, tx)
     """
     return _trainable_transform(
         adapted, adapter_learning_rate, head_learning_rate, weight_decay, max_grad_norm, b1, b2, eps
