@@ -152,6 +152,7 @@ def save_adapter(
     config_tmp = directory / f".{CONFIG_NAME}.{tag}.tmp"
     try:
         safetensors.numpy.save_file(tensors, weights_tmp, metadata={"format": _LIBRARY})
+        os.chmod(weights_tmp, SHARED_FILE_MODE)
         _fsync_file(weights_tmp)
         with open(config_tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -168,6 +169,10 @@ def save_adapter(
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)
     return directory
+
+
+SHARED_FILE_MODE = 0o644
+"""Mode of written weight files: safetensors creates them 0600, but adapters and exports are made to share."""
 
 
 def _fsync_file(path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from cdvft_jax.adapter_io import SHARED_FILE_MODE
 from cdvft_jax.params import flat_params
 
 __all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
@@ -181,6 +183,7 @@ def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) ->
     config.save_pretrained(out)
     # transformers reads a safetensors file as PyTorch weights only when its metadata says so.
     save_file(flax_to_torch_state_dict(merged_params), str(out / TORCH_WEIGHTS_NAME), metadata={"format": "pt"})
+    os.chmod(out / TORCH_WEIGHTS_NAME, SHARED_FILE_MODE)
     return out
 
 

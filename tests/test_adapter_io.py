@@ -139,6 +139,7 @@ def test_only_trainable_leaves_are_stored_and_the_size_is_exact(roberta, saved):
     assert scalars == 2 * 2 * 3 * 32 + (32 * 32 + 32) + (32 * 3 + 3) == 1539
     header, size = stored_size(saved / WEIGHTS_NAME)
     assert size == 8 + header + 4 * scalars
+    assert (saved / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644  # shareable, unlike safetensors' 0600
 
 
 def test_roberta_base_adapter_holds_55296_scalars_plus_the_head(tmp_path):
