@@ -1,6 +1,9 @@
 """End-to-end runs of ``python -m train.text`` on a tiny random BERT and real GLUE files."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +190,36 @@ def test_resume_after_an_interruption_ends_where_a_straight_run_ends(tmp_path, t
     assert saved[0].keys() == saved[1].keys()
     for key in saved[0]:
         np.testing.assert_array_equal(saved[1][key], saved[0][key], err_msg=key)
+
+
+@needs_glue
+def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_model):
+    """``--mesh data=2,fsdp=4`` on 8 CPU devices (a subprocess: the device count is fixed at jax import)."""
+    args = [
+        *("--model", str(tiny_model), "--batch-size", "16", "--task", "sst2", "--data-dir", str(GLUE / "SST-2")),
+        *("--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1"),
+    ]
+    text.main([*args, "--output-dir", str(tmp_path / "single")])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    sharded = [*args, "--output-dir", str(tmp_path / "sharded"), "--mesh", "data=2,fsdp=4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "train.text", *sharded],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, parallel = (
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("single", "sharded")
+    )
+    assert [r["step"] for r in parallel] == [r["step"] for r in single]
+    np.testing.assert_allclose(parallel[-1]["train_loss"], single[-1]["train_loss"], rtol=1e-5)
+    weights = [
+        safetensors.numpy.load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        for name in ("single", "sharded")
+    ]
+    for key in weights[0]:
+        np.testing.assert_allclose(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, err_msg=key)

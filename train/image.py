@@ -32,6 +32,7 @@ from train.loop import (
     Batch,
     Evaluation,
     TrainSettings,
+    mesh_from_flag,
     prepare_output,
     summary_table,
     train_and_evaluate,
@@ -76,6 +77,7 @@ class ImageConfig:
     output_dir: Path = Path("outputs/image")
     checkpoint_every: int | None = None
     resume: bool = False
+    mesh: str | None = None
 
 
 def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageSet:
@@ -250,6 +252,7 @@ def run(config: ImageConfig) -> dict:
     mean, std = normalisation(config.model)
 
     log = prepare_output(config.output_dir, resume=config.resume)
+    mesh = mesh_from_flag(config.mesh)
     settings = TrainSettings.from_config(config)
     evaluation = Evaluation(
         batches=lambda: batches(dev, config.batch_size, size, mean, std, rng=None),
@@ -276,6 +279,7 @@ def run(config: ImageConfig) -> dict:
         checkpoint_dir=config.output_dir / "checkpoints" / config.method,
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
+        mesh=mesh,
     )
     task = config.dataset or str(config.image_dir)
     results = write_results(
@@ -314,6 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/image"))
     p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
     args = p.parse_args(argv)
     return ImageConfig(**vars(args))
 

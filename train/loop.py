@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 import cdvft_jax
+from cdvft_jax import sharding
 from cdvft_jax.checkpoint import TrainingCheckpointer
 from cdvft_jax.config import matches_within
 
@@ -81,9 +83,21 @@ def prepare_output(output_dir: Path, *, resume: bool) -> Path:
     """Creates ``output_dir`` and returns its ``metrics.jsonl``, emptied unless the run resumes."""
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "metrics.jsonl"
-    if not resume:
+    if not resume and sharding.is_main_process():
         log.unlink(missing_ok=True)
     return log
+
+
+def mesh_from_flag(spec: str | None) -> Mesh | None:
+    """The device mesh of ``--mesh`` (``"data=2,fsdp=4"``), after joining a multi-host job if one is set up.
+
+    ``None`` (no flag) on a single device means no mesh; with several devices and no flag every device
+    goes on the ``data`` axis.
+    """
+    sharding.maybe_initialize_distributed()
+    if spec is None and jax.device_count() == 1:
+        return None
+    return sharding.make_mesh(sharding.parse_mesh(spec))
 
 
 class MethodSetup(NamedTuple):
@@ -187,7 +201,7 @@ def evaluate(eval_step, trainable, frozen, evaluation: Evaluation) -> dict[str, 
     predictions = []
     for batch in evaluation.batches():
         out = np.asarray(eval_step(trainable, frozen, batch))
-        predictions.append(out[batch.weights > 0])
+        predictions.append(out[np.asarray(batch.weights) > 0])
     return evaluation.metrics(np.concatenate(predictions), evaluation.labels)
 
 
@@ -207,6 +221,7 @@ def train_and_evaluate(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
 
@@ -227,20 +242,42 @@ def train_and_evaluate(
       checkpoint_every: save every this many steps (and always after the last one).
       resume: continue from the latest checkpoint in ``checkpoint_dir``, keeping the evaluations already
         in ``log_path``; a resumed run ends bitwise identical to an uninterrupted one on CPU.
+      mesh: shard the run over this device mesh (``cdvft_jax.sharding``): the frozen base FSDP-sharded
+        along ``fsdp``, the batch split over ``data`` x ``fsdp``, the trainable state replicated.
+        ``None`` runs on one device.
 
     Returns:
       The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
     """
     if steps_per_epoch == 0:
         raise SystemExit("the training set is smaller than one batch")
+    original_batches = evaluation.batches
     total_steps = steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
     setup = setup_method(method, model, settings, total_steps)
     print(f"[{method}] {setup.describe}", flush=True)
     state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
-    train_step = cdvft_jax.make_train_step(make_loss(setup.apply, regression), setup.optimizer)
+    frozen = setup.frozen
+    loss_fn = make_loss(setup.apply, regression)
+    if mesh is None:
+        train_step = cdvft_jax.make_train_step(loss_fn, setup.optimizer)
+        place = lambda batch: batch  # noqa: E731
+    else:
+        frozen = sharding.shard_params(frozen, sharding.frozen_partition_specs(frozen, mesh), mesh)
+        state = jax.device_put(state, sharding.state_shardings_for(state, mesh))
+        batch_sharding = NamedSharding(mesh, sharding.batch_spec())
+        train_step = sharding.make_sharded_train_step(
+            loss_fn,
+            setup.optimizer,
+            mesh,
+            sharding.state_shardings_for(state, mesh),
+            sharding.shardings_of(frozen),
+            batch_sharding,
+        )
+        place = lambda batch: sharding.shard_batch(batch, mesh)  # noqa: E731
     eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
+    evaluation = evaluation._replace(batches=lambda: map(place, original_batches()))
 
     dropout_key = jax.random.key(settings.seed)
     position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
@@ -255,7 +292,7 @@ def train_and_evaluate(
     # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
     records = _logged_records(log_path, method, step) if resume else []
     if not records:
-        before = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+        before = evaluate(eval_step, state.trainable, frozen, evaluation)
         records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
         _append_jsonl(log_path, records[-1])
 
@@ -271,7 +308,7 @@ def train_and_evaluate(
                         continue  # consumed before the restart; iterating keeps any augmentation RNG in step
                     if step == total_steps:
                         break
-                    state, metrics = train_step(state, setup.frozen, batch, jax.random.fold_in(dropout_key, step))
+                    state, metrics = train_step(state, frozen, place(batch), jax.random.fold_in(dropout_key, step))
                     step += 1
                     loss_sum, loss_count = loss_sum + float(metrics["loss"]), loss_count + 1
                     position = {"epoch": epoch, "batch": index + 1, "loss_sum": loss_sum, "loss_count": loss_count}
@@ -283,7 +320,7 @@ def train_and_evaluate(
                     bar.update(1)
                 if any(r["epoch"] == epoch for r in records):
                     continue  # evaluated before the restart
-                result = evaluate(eval_step, state.trainable, setup.frozen, evaluation)
+                result = evaluate(eval_step, state.trainable, frozen, evaluation)
                 train_loss = loss_sum / loss_count if loss_count else None
                 records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
                 _append_jsonl(log_path, records[-1])
@@ -294,7 +331,7 @@ def train_and_evaluate(
         if checkpointer is not None:
             checkpointer.close()  # waits for pending asynchronous saves
     seconds = time.perf_counter() - start
-    if adapter_dir is not None and setup.adapted is not None:
+    if adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
         cdvft_jax.save_adapter(adapter_dir, setup.adapted, state.trainable, base_model=base_model)
     best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
     return {
@@ -329,6 +366,8 @@ def _logged_records(path: Path, method: str, step: int) -> list[dict]:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    if not sharding.is_main_process():
+        return  # one writer per run: process 0
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -352,7 +391,8 @@ def write_results(
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
         "runs": runs,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if sharding.is_main_process():
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

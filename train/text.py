@@ -32,6 +32,7 @@ from train.loop import (
     Batch,
     Evaluation,
     TrainSettings,
+    mesh_from_flag,
     prepare_output,
     summary_table,
     train_and_evaluate,
@@ -101,6 +102,7 @@ class TextConfig:
     compare_head: bool = False
     checkpoint_every: int | None = None
     resume: bool = False
+    mesh: str | None = None
 
 
 class Encoded(NamedTuple):
@@ -214,6 +216,7 @@ def run(config: TextConfig) -> dict:
     print(f"{spec.name}: {len(train_examples):,} train / {len(dev_examples):,} dev examples, model {model_path}")
 
     log = prepare_output(config.output_dir, resume=config.resume)
+    mesh = mesh_from_flag(config.mesh)
     settings = TrainSettings.from_config(config)
     pad_id = tokenizer.pad_token_id
     evaluation = Evaluation(
@@ -252,6 +255,7 @@ def run(config: TextConfig) -> dict:
                 checkpoint_dir=config.output_dir / "checkpoints" / name,
                 checkpoint_every=config.checkpoint_every,
                 resume=config.resume,
+                mesh=mesh,
             )
         )
     results = write_results(
@@ -301,6 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/text"))
     p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
     p.add_argument(
         "--compare-head",
         action=argparse.BooleanOptionalAction,
@@ -333,6 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         compare_head=task == "tweets" if args.compare_head is None else args.compare_head,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        mesh=args.mesh,
         **values,
     )
 
