@@ -1,0 +1,257 @@
+"""Per-device frozen-parameter memory and a sharded CDVFT train step over data / FSDP meshes.
+
+For each device count (1, 2, 4, 8) this runs a fresh subprocess with that many
+fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``: the
+device count is fixed when jax is imported), builds the RoBERTa-base-shaped
+model of :mod:`benchmarks.step_time` with CDVFT on query/value, shards the
+frozen tree with :func:`cdvft_jax.sharding.frozen_partition_specs` and
+:func:`cdvft_jax.sharding.shard_params` for every mesh layout of that size, and
+reports the frozen bytes held by device 0, whether the sharded train step
+compiled and ran, and its median step time.  The step time is a sanity figure
+only: the fake devices share the host's cores.
+
+Running it
+----------
+From the repository root::
+
+    python -m benchmarks.sharding --small            # tiny model, seconds
+    python -m benchmarks.sharding --steps 2 --json out.json
+
+The child mode (``--child N --layouts "data=2,fsdp=2;fsdp=4"``) prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LAYOUTS: dict[int, list[str]] = {
+    1: ["data=1"],
+    2: ["data=2", "fsdp=2"],
+    4: ["data=4", "data=2,fsdp=2", "fsdp=4"],
+    8: ["data=8", "data=2,fsdp=4", "fsdp=8"],
+}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def device0_bytes(tree: Any) -> int:
+    """Bytes of ``tree``'s shards that live on device 0."""
+    import jax
+
+    device = jax.devices()[0]
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
+
+
+def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """Shards the frozen tree for one mesh layout and times the sharded step."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    import cdvft_jax
+    from benchmarks.step_time import (
+        ADAPTER_LEARNING_RATE,
+        HEAD_LEARNING_RATE,
+        SEED,
+        WEIGHT_DECAY,
+        make_batch,
+        make_loss,
+    )
+    from cdvft_jax import CDVFTConfig
+    from cdvft_jax.sharding import (
+        batch_spec,
+        frozen_partition_specs,
+        make_mesh,
+        make_sharded_train_step,
+        parse_mesh,
+        shard_batch,
+        shard_params,
+        shardings_of,
+        state_shardings_for,
+    )
+
+    config = CDVFTConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
+    adapted = cdvft_jax.inject(model, config)
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
+    optimizer = cdvft_jax.adapter_optimizer(
+        adapted,
+        adapter_learning_rate=ADAPTER_LEARNING_RATE,
+        head_learning_rate=HEAD_LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY,
+    )
+    loss_fn = make_loss(adapted)
+
+    mesh = make_mesh(parse_mesh(layout))
+    frozen = shard_params(frozen, frozen_partition_specs(frozen, mesh), mesh)
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(frozen))
+    per_device = device0_bytes(frozen)
+    result: dict[str, Any] = {
+        "devices": jax.device_count(),
+        "mesh": layout,
+        "frozen_bytes_total": total,
+        "frozen_bytes_device0": per_device,
+        "compiled": False,
+        "ms_per_step": None,
+        "error": None,
+    }
+    try:
+        state = cdvft_jax.init_train_state(trainable, optimizer)
+        state_shardings = state_shardings_for(state, mesh)
+        state = jax.device_put(state, state_shardings)
+        step = make_sharded_train_step(
+            loss_fn, optimizer, mesh, state_shardings, shardings_of(frozen), NamedSharding(mesh, batch_spec())
+        )
+        batch = shard_batch(make_batch(model.config.vocab_size, args.batch, args.seq_len), mesh)
+        rng = jax.random.key(SEED)
+        start = time.perf_counter()
+        state, metrics = step(state, frozen, batch, rng)
+        jax.block_until_ready((state, metrics))
+        log(f"  {layout}: compiled and ran the first step in {time.perf_counter() - start:.1f} s")
+        times = []
+        for k in range(args.steps):
+            start = time.perf_counter()
+            state, metrics = step(state, frozen, batch, jax.random.fold_in(rng, k))
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - start)
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss}")
+        result["compiled"] = True
+        result["loss"] = loss
+        result["ms_per_step"] = 1e3 * statistics.median(times) if times else None
+    except Exception as err:  # reported in the table, not fatal
+        result["error"] = f"{type(err).__name__}: {err}"[:500]
+        log(f"  {layout}: FAILED {result['error']}")
+    return result
+
+
+def child(args: argparse.Namespace) -> None:
+    """Child mode: every layout of ``--layouts`` on this process's devices; one JSON line on stdout."""
+    import jax
+
+    from benchmarks.step_time import build_model
+
+    if jax.device_count() != args.child:
+        raise RuntimeError(f"expected {args.child} devices, got {jax.device_count()}")
+    model = build_model(args.small)
+    results = [run_layout(layout, args, model) for layout in args.layouts.split(";")]
+    print(json.dumps(results))
+
+
+def run_child(devices: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.sharding",
+        "--child",
+        str(devices),
+        "--layouts",
+        ";".join(LAYOUTS[devices]),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+    ]
+    if args.small:
+        command.append("--small")
+    log(f"{devices} device(s): {', '.join(LAYOUTS[devices])}")
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"child with {devices} devices failed with exit code {done.returncode}")
+    return json.loads(lines[-1])
+
+
+def markdown(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+    base = next((r["frozen_bytes_device0"] for r in results if r["devices"] == 1), None)
+    rows = [
+        f"{'roberta-small-smoke' if args.small else 'roberta-base-shaped'}, CDVFT on query/value, "
+        f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps (fake CPU devices share the cores)",
+        "",
+        "| devices | mesh | frozen MB / device | ratio to 1 device | compiled | ms/step |",
+        "|---:|---|---:|---:|---|---:|",
+    ]
+    for r in results:
+        ratio = "-" if not base else f"{r['frozen_bytes_device0'] / base:.3f}"
+        ms = "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.1f}"
+        rows.append(
+            f"| {r['devices']} | {r['mesh']} | {r['frozen_bytes_device0'] / 1e6:.2f} | {ratio} "
+            f"| {'yes' if r['compiled'] else 'no'} | {ms} |"
+        )
+    if results:
+        rows.append("")
+        rows.append(f"total frozen: {results[0]['frozen_bytes_total'] / 1e6:.2f} MB")
+    return "\n".join(rows)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.sharding",
+        description="Per-device frozen memory and a sharded CDVFT step over data / FSDP meshes of fake CPU devices.",
+    )
+    parser.add_argument("--small", action="store_true", help="tiny RoBERTa for a smoke run")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per global batch")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (128; 32 with --small)")
+    parser.add_argument(
+        "--devices", default="1,2,4,8", help="comma-separated device counts out of 1,2,4,8 (default all)"
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = 32 if args.small else 128
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        child(args)
+        return
+    start = time.perf_counter()
+    counts = [int(c) for c in args.devices.split(",") if c.strip()]
+    unknown = sorted(set(counts) - set(LAYOUTS))
+    if unknown:
+        raise SystemExit(f"unsupported device counts {unknown}; choose from {sorted(LAYOUTS)}")
+    results = [r for n in counts for r in run_child(n, args)]
+    print(markdown(results, args))
+    log(f"wall time {time.perf_counter() - start:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
