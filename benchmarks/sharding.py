@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.step_time import log, positive_int
+
 LAYOUTS: dict[int, list[str]] = {
     1: ["data=1"],
     2: ["data=2", "fsdp=2"],
@@ -40,10 +42,6 @@ LAYOUTS: dict[int, list[str]] = {
     8: ["data=8", "data=2,fsdp=4", "fsdp=8"],
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def device0_bytes(tree: Any) -> int:
@@ -205,13 +203,6 @@ def markdown(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str
         rows.append("")
         rows.append(f"total frozen: {results[0]['frozen_bytes_total'] / 1e6:.2f} MB")
     return "\n".join(rows)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
