@@ -32,6 +32,7 @@ from train.loop import (
     Batch,
     Evaluation,
     TrainSettings,
+    add_run_arguments,
     mesh_from_flag,
     prepare_output,
     summary_table,
@@ -308,17 +309,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     p.add_argument("--learning-rate", type=float, default=5e-3, help="CDVFT vectors")
     p.add_argument("--head-learning-rate", type=float, default=5e-3)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--max-steps", type=int)
     p.add_argument("--max-train-samples", type=int)
     p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/image"))
-    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
+    add_run_arguments(p, default_output=Path("outputs/image"))
     args = p.parse_args(argv)
     return ImageConfig(**vars(args))
 

@@ -8,6 +8,7 @@ comes in as :class:`Batch` iterators, so the loop knows nothing about text or im
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -77,6 +78,20 @@ class TrainSettings:
         """The settings named like attributes of a program's config; the others keep their defaults."""
         names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
         return cls(**{name: getattr(config, name) for name in names})
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
+    """The flags both programs share: CDV block size, optimizer schedule, seed, outputs, checkpoints, mesh."""
+    p = parser
+    p.add_argument("--block-size", type=int, help="circulant block size (default: one block per square layer)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=default_output)
+    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
 
 
 def prepare_output(output_dir: Path, *, resume: bool) -> Path:

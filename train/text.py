@@ -32,6 +32,7 @@ from train.loop import (
     Batch,
     Evaluation,
     TrainSettings,
+    add_run_arguments,
     mesh_from_flag,
     prepare_output,
     summary_table,
@@ -297,15 +298,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         ("--max-eval-samples", int),
     ]:
         p.add_argument(flag, type=kind, help="default: the task's preset")
-    p.add_argument("--block-size", type=int, help="circulant block size (default: one block per square layer)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/text"))
-    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
+    add_run_arguments(p, default_output=Path("outputs/text"))
     p.add_argument(
         "--compare-head",
         action=argparse.BooleanOptionalAction,
