@@ -90,7 +90,7 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16(d_in, d_out, p):
     out = cdv.cdv_delta(x, a_in, c, a_out)
     assert out.dtype == jnp.bfloat16
     reference = np.asarray(x, np.float64) @ dense_reference([a_in, a_out], [c])
-    # Float32 compute, then one rounding to bfloat16 (8 significant bits).
+    # Float32 compute, then one rounding to bfloat16: half an ulp, at most 2**-8 relative (eps = 2**-7).
     np.testing.assert_allclose(np.asarray(out, np.float64), reference, rtol=2**-8, atol=1e-5 * np.abs(reference).max())
 
 
