@@ -4,20 +4,34 @@ What is measured
 ----------------
 One full training step -- forward, backward, AdamW update, all inside the one
 ``jit`` that :func:`cdvft_jax.make_train_step` builds -- of a randomly
-initialised RoBERTa-base-shaped ``FlaxRobertaForSequenceClassification``
-(hidden 768, 12 layers, 12 heads, intermediate 3072, vocab 50265, 2 labels) on a
-fixed random batch (16 x 128 tokens by default), softmax cross-entropy loss.
-Dropout is off (``train=False``), so every method runs the same forward pass
-and differs only in which parameters are trainable:
+initialised model (``--model``):
+
+* ``roberta-base``: ``FlaxRobertaForSequenceClassification`` of RoBERTa-base's
+  shape (hidden 768, 12 layers, 12 heads, intermediate 3072, vocab 50265,
+  2 labels) on a fixed random batch of 16 x 128 tokens by default;
+* ``vit-base``: ``FlaxViTForImageClassification`` of ViT-base's shape (hidden
+  768, 12 layers, 12 heads, intermediate 3072, 224 px images, patch 16, so
+  196 patches + [CLS] = 197 tokens an image, 10 labels) on 16 random images.
+
+The loss is softmax cross-entropy.  Dropout is off (``train=False``), so every
+method runs the same forward pass and differs only in which parameters are
+trainable:
 
 * ``full``: every parameter trainable (the frozen tree is empty);
 * ``head``: only ``classifier/...`` trainable; the backward pass stops at the head;
-* ``floor``: ``classifier/...`` plus ``roberta/embeddings/LayerNorm/...``
-  trainable.  The gradient has to travel back through every encoder layer to
-  reach the embedding LayerNorm, but no weight gradient of any encoder layer is
-  computed;
-* ``cdvft``: CDVFT adapters on ``query`` and ``value`` of every layer plus the
-  classifier, via :func:`cdvft_jax.inject` and :func:`cdvft_jax.adapter_optimizer`.
+* ``floor``: ``classifier/...`` plus the earliest cheap leaf of the network
+  (:data:`FLOOR_LEAVES`): ``roberta/embeddings/LayerNorm/...`` for RoBERTa and
+  ``vit/embeddings/position_embeddings`` for ViT (its embeddings have no
+  LayerNorm; the position embeddings are added to the patch and [CLS]
+  embeddings right before the first encoder layer, so their gradient is the
+  batch sum of the gradient at the encoder's input -- the same work as the
+  RoBERTa LayerNorm's scale and bias).  The gradient has to travel back
+  through every encoder layer to reach that leaf, but no weight gradient of
+  any encoder layer is computed;
+* adapters (:data:`ADAPTER_METHODS`): ``cdvft``, ``lora``, ``vera`` and
+  ``fourierft`` on ``query`` and ``value`` of every layer plus the classifier,
+  via :func:`cdvft_jax.inject` and :func:`cdvft_jax.adapter_optimizer`, with
+  the configs of :func:`adapter_config` (the papers' settings).
 
 Why the floor matters
 ---------------------
@@ -31,7 +45,9 @@ bound no per-layer method can reach.
 Protocol
 --------
 All methods share one model (built once with ``_do_init=True``) and one batch.
-Each method is compiled and run for two warm-up steps first.  Then ``--repeats``
+Each method is compiled ahead of time (``lower(...).compile()``, whose
+``cost_analysis()`` gives the step's XLA flop count for free), then run for one
+step and two warm-up steps.  Then ``--repeats``
 rounds follow; each round runs one step of every method, in an order rotated
 by one each round, so slow drifts of the machine (frequency, other load) fall
 on every method alike.  A step is timed with ``time.perf_counter`` around the
@@ -41,7 +57,7 @@ gives the median, min and max milliseconds per step.
 
 Peak RSS (``ru_maxrss``, in MiB) is measured per method in a fresh subprocess
 (``python -m benchmarks.step_time --rss-only METHOD``) that builds the model,
-compiles and runs three steps of that method alone; it includes the base
+compiles and runs three steps (``--rss-steps``) of that method alone; it includes the base
 model's weights and the compiler's own memory, which every method pays alike.
 
 Running it
@@ -51,6 +67,10 @@ From the repository root::
     python -m benchmarks.step_time                      # full size, many minutes on few cores
     python -m benchmarks.step_time --small --repeats 3  # tiny model, a smoke run in seconds
     python -m benchmarks.step_time --methods floor,cdvft --no-rss --json out.json
+    python -m benchmarks.step_time --model vit-base --methods floor,cdvft,lora --layers 2
+
+``python -m benchmarks`` runs this for both models and every method, plus the
+parameter, flop and operator benchmarks (:mod:`benchmarks.__main__`).
 
 Progress goes to stderr, the markdown table to stdout.
 """
@@ -76,12 +96,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
 
 import cdvft_jax
-from cdvft_jax import CDVFTConfig, TrainState
+from cdvft_jax import TrainState
 
-METHODS = ("full", "head", "floor", "cdvft")
+MODELS = ("roberta-base", "vit-base")
+BASELINE_METHODS = ("full", "head", "floor")
+ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
+METHODS = BASELINE_METHODS + ADAPTER_METHODS
 SEED = 0
 LEARNING_RATE = 1e-5  # plain AdamW of full / head / floor
 ADAPTER_LEARNING_RATE = 5e-2
@@ -89,6 +111,7 @@ HEAD_LEARNING_RATE = 5e-3
 WEIGHT_DECAY = 0.01  # the same for every method, so every optimizer does the same work per leaf
 WARMUP_STEPS = 2
 RSS_STEPS = 3
+VIT_LABELS = 10
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Linux keeps ru_maxrss across exec: a child forked straight from this process (hundreds of MB
 # after importing jax and building the model) would report at least this process's RSS at the
@@ -99,12 +122,37 @@ Params = Mapping[str, Any]
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch, jax.Array], jax.Array]
 
-# Which leaves train, by ``/``-joined path, for the methods that are not adapters.
-TRAINABLE: dict[str, Callable[[str], bool]] = {
-    "full": lambda path: True,
-    "head": lambda path: path.startswith("classifier/"),
-    "floor": lambda path: path.startswith(("classifier/", "roberta/embeddings/LayerNorm/")),
+# The leaf that ``floor`` trains besides the head: the earliest one in the network.
+FLOOR_LEAVES = {
+    "roberta-base": "roberta/embeddings/LayerNorm/",
+    "vit-base": "vit/embeddings/position_embeddings",
 }
+
+# Each adapter method's config class (exported by ``cdvft_jax``) and its settings per model, as in
+# the papers: LoRA r=8 (RoBERTa-base) / r=16 (ViT-base) with alpha = r; VeRA r=256; FourierFT
+# n=1000, scale 150 (RoBERTa-base) / n=3000, scale 300 (ViT-base).  Query and value of every layer
+# are adapted, the classifier trains in full.
+ADAPTER_CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "cdvft": ("CDVFTConfig", {"roberta-base": {}, "vit-base": {}}),
+    "lora": ("LoRAConfig", {"roberta-base": {"rank": 8, "alpha": 8.0}, "vit-base": {"rank": 16, "alpha": 16.0}}),
+    "vera": ("VeRAConfig", {"roberta-base": {"rank": 256}, "vit-base": {"rank": 256}}),
+    "fourierft": (
+        "FourierFTConfig",
+        {
+            "roberta-base": {"n_frequency": 1000, "scale": 150.0},
+            "vit-base": {"n_frequency": 3000, "scale": 300.0},
+        },
+    ),
+}
+
+
+def adapter_config(method: str, model: str) -> cdvft_jax.AdapterConfig:
+    """The config of adapter ``method`` for ``model`` (the class is looked up in ``cdvft_jax`` lazily)."""
+    class_name, settings = ADAPTER_CONFIGS[method]
+    config_class = getattr(cdvft_jax, class_name, None)
+    if config_class is None:
+        raise ValueError(f"method {method!r} needs cdvft_jax.{class_name}, which this version does not export")
+    return config_class(target_modules=("query", "value"), modules_to_save=["classifier"], **settings[model])
 
 
 def log(message: str) -> None:
@@ -112,23 +160,33 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def model_config(small: bool) -> RobertaConfig:
-    """RoBERTa-base's shape (``RobertaConfig`` defaults), or a tiny one for smoke runs."""
-    if small:
-        return RobertaConfig(
-            vocab_size=1000,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            num_labels=2,
-        )
-    return RobertaConfig(num_labels=2)
+def model_config(small: bool, model: str = "roberta-base", layers: int | None = None) -> Any:
+    """The model's base shape (Hugging Face config defaults), or a tiny one for smoke runs.
+
+    ``layers`` overrides the number of encoder layers (``--quick`` runs a truncated model).
+    """
+    from transformers import RobertaConfig, ViTConfig
+
+    tiny = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    if model == "roberta-base":
+        shape = {"vocab_size": 1000, **tiny} if small else {}
+        return RobertaConfig(num_labels=2, **{**shape, **overrides})
+    if model == "vit-base":
+        shape = {"image_size": 32, "patch_size": 8, **tiny} if small else {}
+        return ViTConfig(num_labels=VIT_LABELS, **{**shape, **overrides})
+    raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
 
 
-def build_model(small: bool) -> FlaxRobertaForSequenceClassification:
-    """A randomly initialised model with its params (``_do_init=True``), seed :data:`SEED`."""
-    return FlaxRobertaForSequenceClassification(model_config(small), seed=SEED, _do_init=True)
+def model_class(model: str) -> type:
+    from transformers import FlaxRobertaForSequenceClassification, FlaxViTForImageClassification
+
+    return FlaxViTForImageClassification if model == "vit-base" else FlaxRobertaForSequenceClassification
+
+
+def build_model(small: bool, model: str = "roberta-base", layers: int | None = None, do_init: bool = True) -> Any:
+    """A randomly initialised model, seed :data:`SEED`; ``do_init=False`` allocates no params."""
+    return model_class(model)(model_config(small, model, layers), seed=SEED, _do_init=do_init)
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int) -> Batch:
@@ -144,20 +202,65 @@ def make_batch(vocab_size: int, batch: int, seq_len: int) -> Batch:
     }
 
 
+def make_image_batch(config: Any, batch: int) -> Batch:
+    """Random ``(batch, channels, size, size)`` normal pixels and random labels."""
+    rng = np.random.default_rng(SEED)
+    shape = (batch, config.num_channels, config.image_size, config.image_size)
+    return {
+        "pixel_values": jnp.asarray(rng.standard_normal(shape, dtype=np.float32)),
+        "labels": jnp.asarray(rng.integers(0, config.num_labels, size=(batch,), dtype=np.int32)),
+    }
+
+
+def make_inputs(model: Any, kind: str, batch: int, seq_len: int) -> Batch:
+    """The benchmark batch of ``kind``; ``seq_len`` applies to text only."""
+    if kind == "vit-base":
+        return make_image_batch(model.config, batch)
+    return make_batch(model.config.vocab_size, batch, seq_len)
+
+
+def tokens_per_example(config: Any, kind: str, seq_len: int) -> int:
+    """Sequence length the encoder sees: ``seq_len`` for text, patches + [CLS] for ViT."""
+    if kind == "vit-base":
+        return (config.image_size // config.patch_size) ** 2 + 1
+    return seq_len
+
+
 def make_loss(apply: Callable[..., Any]) -> LossFn:
-    """Mean softmax cross-entropy of ``apply(input_ids, attention_mask=..., params=..., train=False)``."""
+    """Mean softmax cross-entropy of ``apply(**inputs, params=..., train=False)``, inputs = batch less labels."""
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
         del rng  # dropout is off
-        logits = apply(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, train=False).logits
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = apply(**inputs, params=params, train=False).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
     return loss_fn
 
 
+def trainable_predicate(method: str, kind: str) -> Callable[[str], bool]:
+    """Which leaves train, by ``/``-joined path, for the methods that are not adapters."""
+    if method == "full":
+        return lambda path: True
+    if method == "head":
+        return lambda path: path.startswith("classifier/")
+    if method == "floor":
+        return lambda path: path.startswith(("classifier/", FLOOR_LEAVES[kind]))
+    raise ValueError(f"{method!r} is not one of {', '.join(BASELINE_METHODS)}")
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """``cost_analysis()["flops"]`` of a compiled executable (a dict, or a list of them in older jax)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return None if flops is None else float(flops)
+
+
 @dataclasses.dataclass
 class MethodRun:
-    """One method's jitted step and the state threaded through its steps."""
+    """One method's step (compiled ahead of time by :meth:`compile`) and the state threaded through its steps."""
 
     name: str
     step: Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
@@ -165,6 +268,15 @@ class MethodRun:
     frozen: Params
     trainable_params: int
     times_s: list[float] = dataclasses.field(default_factory=list)
+    flops: float | None = None
+
+    def compile(self, batch: Batch, rng: jax.Array) -> float:
+        """Replaces ``step`` by its compiled executable, records its XLA flops; returns the seconds it took."""
+        start = time.perf_counter()
+        compiled = self.step.lower(self.state, self.frozen, batch, rng).compile()
+        self.flops = xla_flops(compiled)
+        self.step = compiled
+        return time.perf_counter() - start
 
     def run_step(self, batch: Batch, rng: jax.Array) -> float:
         """Runs one step, keeps its new state and returns its wall time in seconds."""
@@ -179,11 +291,10 @@ class MethodRun:
         return elapsed
 
 
-def setup_method(name: str, model: FlaxRobertaForSequenceClassification) -> MethodRun:
+def setup_method(name: str, model: Any, kind: str = "roberta-base") -> MethodRun:
     """Splits the shared model's params for ``name`` and builds its optimizer, state and step."""
-    if name == "cdvft":
-        config = CDVFTConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
-        adapted = cdvft_jax.inject(model, config)
+    if name in ADAPTER_METHODS:
+        adapted = cdvft_jax.inject(model, adapter_config(name, kind))
         trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
         optimizer = cdvft_jax.adapter_optimizer(
             adapted,
@@ -192,8 +303,8 @@ def setup_method(name: str, model: FlaxRobertaForSequenceClassification) -> Meth
             weight_decay=WEIGHT_DECAY,
         )
         loss_fn = make_loss(adapted)
-    elif name in TRAINABLE:
-        trainable, frozen = cdvft_jax.split_params(model.params, TRAINABLE[name])
+    elif name in BASELINE_METHODS:
+        trainable, frozen = cdvft_jax.split_params(model.params, trainable_predicate(name, kind))
         optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
         loss_fn = make_loss(model)
     else:
@@ -207,15 +318,15 @@ def setup_method(name: str, model: FlaxRobertaForSequenceClassification) -> Meth
     )
 
 
-def time_methods(runs: Sequence[MethodRun], batch: Batch, repeats: int) -> None:
+def time_methods(runs: Sequence[MethodRun], batch: Batch, repeats: int, warmup: int = WARMUP_STEPS) -> None:
     """Compiles and warms up every method, then runs ``repeats`` interleaved rounds into ``times_s``."""
     rng = jax.random.key(SEED)
     for run in runs:
         log(f"compiling {run.name} ({run.trainable_params:,} trainable params)")
-        start = time.perf_counter()
-        run.run_step(batch, rng)
-        log(f"  compiled and ran the first step in {time.perf_counter() - start:.1f} s")
-        for _ in range(WARMUP_STEPS):
+        seconds = run.compile(batch, rng)
+        first = run.run_step(batch, rng)
+        log(f"  compiled in {seconds:.1f} s, first step {first:.1f} s")
+        for _ in range(warmup):
             run.run_step(batch, rng)
     for r in range(repeats):
         shift = r % len(runs)
@@ -232,35 +343,26 @@ def peak_rss_mb() -> float:
 
 
 def rss_only(method: str, args: argparse.Namespace) -> None:
-    """Child mode: build, compile and run :data:`RSS_STEPS` steps of one method; print the peak RSS."""
-    model = build_model(args.small)
-    batch = make_batch(model.config.vocab_size, args.batch, args.seq_len)
-    run = setup_method(method, model)
+    """Child mode: build, compile and run ``--rss-steps`` steps of one method; print the peak RSS."""
+    model = build_model(args.small, args.model, args.layers)
+    batch = make_inputs(model, args.model, args.batch, args.seq_len)
+    run = setup_method(method, model, args.model)
     rng = jax.random.key(SEED)
-    for _ in range(RSS_STEPS):
+    for _ in range(args.rss_steps):
         run.run_step(batch, rng)
     print(f"{peak_rss_mb():.1f}")
 
 
 def measure_rss(method: str, args: argparse.Namespace) -> float:
     """Peak RSS of ``method`` measured in a fresh subprocess."""
-    command = [
-        sys.executable,
-        "-c",
-        RSS_LAUNCHER,
-        sys.executable,
-        "-m",
-        "benchmarks.step_time",
-        "--rss-only",
-        method,
-        "--batch",
-        str(args.batch),
-        "--seq-len",
-        str(args.seq_len),
-    ]
+    command = [sys.executable, "-c", RSS_LAUNCHER, sys.executable, "-m", "benchmarks.step_time"]
+    command += ["--rss-only", method, "--model", args.model, "--rss-steps", str(args.rss_steps)]
+    command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    if args.layers:
+        command += ["--layers", str(args.layers)]
     if args.small:
         command.append("--small")
-    log(f"peak RSS of {method} (subprocess)")
+    log(f"peak RSS of {method} on {args.model} (subprocess)")
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -281,8 +383,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    """Where and how the benchmark ran."""
+def host_info() -> dict[str, Any]:
+    """Where the benchmark ran: CPU, cores, software versions, backend and the date."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = jax.devices()[0]
     return {
@@ -295,22 +397,37 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "roberta-small-smoke" if args.small else "roberta-base-shaped",
+    }
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """E.g. ``roberta-base-shaped``, ``vit-base-shaped (2 layers)`` or ``roberta-small-smoke``."""
+    label = f"{args.model.split('-')[0]}-small-smoke" if args.small else f"{args.model}-shaped"
+    return f"{label} ({args.layers} layers)" if args.layers else label
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how the benchmark ran."""
+    config = model_config(args.small, args.model, args.layers)
+    return {
+        **host_info(),
+        "model": model_label(args),
         "batch": args.batch,
-        "seq_len": args.seq_len,
+        "seq_len": tokens_per_example(config, args.model, args.seq_len),
         "repeats": args.repeats,
     }
 
 
 class Timing(NamedTuple):
-    """A method's step times, kept after its buffers are freed."""
+    """A method's step times and XLA flops, kept after its buffers are freed."""
 
     name: str
     trainable_params: int
     times_s: list[float]
+    flops: float | None = None
 
 
-def summarize(runs: Sequence[Timing], rss: Mapping[str, float]) -> list[dict[str, Any]]:
+def summarize(runs: Sequence[Timing], rss: Mapping[str, float], tokens: int | None = None) -> list[dict[str, Any]]:
     """One result dict per method; ``ratio_to_floor`` is ``None`` when ``floor`` was not run."""
     medians = {run.name: 1e3 * statistics.median(run.times_s) for run in runs}
     floor = medians.get("floor")
@@ -323,6 +440,9 @@ def summarize(runs: Sequence[Timing], rss: Mapping[str, float]) -> list[dict[str
             "ms_max": 1e3 * max(run.times_s),
             "peak_rss_mb": rss.get(run.name),
             "ratio_to_floor": None if floor is None else medians[run.name] / floor,
+            "tokens_per_s": None if tokens is None else tokens / (1e-3 * medians[run.name]),
+            "repeats": len(run.times_s),
+            "xla_flops": run.flops,
         }
         for run in runs
     ]
@@ -342,15 +462,30 @@ def markdown(results: Sequence[Mapping[str, Any]], machine: Mapping[str, Any]) -
     rows = [
         header,
         "",
-        "| method | trainable params | ms/step median | min | max | peak RSS MB | ratio to floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable params | ms/step median | min | max | tokens/s | peak RSS MB | ratio to floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r['method']} | {r['trainable_params']:,} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} "
-            f"| {r['ms_max']:.1f} | {fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['ratio_to_floor'], '.2f')} |"
+            f"| {r['ms_max']:.1f} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r['peak_rss_mb'], '.0f')} "
+            f"| {fmt(r['ratio_to_floor'], '.2f')} |"
         )
     return "\n".join(rows)
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Times ``args.methods`` on ``args.model`` (interleaved), then their peak RSS; ``(machine, results)``."""
+    machine = machine_info(args)
+    log(f"building the {machine['model']} model")
+    model = build_model(args.small, args.model, args.layers)
+    batch = make_inputs(model, args.model, args.batch, args.seq_len)
+    runs = [setup_method(name, model, args.model) for name in args.methods]
+    time_methods(runs, batch, args.repeats, args.warmup)
+    timings = [Timing(run.name, run.trainable_params, run.times_s, run.flops) for run in runs]
+    del runs, model, batch  # free this process's buffers before the RSS subprocesses build their own
+    rss = {} if args.no_rss else {name: measure_rss(name, args) for name in args.methods}
+    return machine, summarize(timings, rss, machine["batch"] * machine["seq_len"])
 
 
 def parse_methods(text: str) -> list[str]:
@@ -368,19 +503,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train-step options that :mod:`benchmarks.step_time` and the suite share."""
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences or images per batch")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (text models)")
+    parser.add_argument("--layers", type=positive_int, help="encoder layers (default: the base model's 12)")
+    parser.add_argument("--warmup", type=non_negative_int, default=WARMUP_STEPS, help="untimed steps after compiling")
+    parser.add_argument("--rss-steps", type=positive_int, default=RSS_STEPS, help="steps each RSS child runs")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.step_time",
-        description="Train-step time and peak RSS of full, head, floor and CDVFT fine-tuning.",
+        description="Train-step time and peak RSS of full, head, floor and adapter fine-tuning.",
     )
-    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per batch")
-    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--model", choices=MODELS, default="roberta-base", help="model shape")
+    add_step_arguments(parser)
     parser.add_argument("--repeats", type=positive_int, default=10, help="interleaved timing rounds")
     parser.add_argument(
-        "--methods", type=parse_methods, default=list(METHODS), help="comma-separated subset of methods"
+        "--methods",
+        type=parse_methods,
+        default=[*BASELINE_METHODS, "cdvft"],
+        help=f"comma-separated subset of {','.join(METHODS)}",
     )
-    parser.add_argument("--small", action="store_true", help="tiny RoBERTa for a smoke run")
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--small", action="store_true", help="tiny model for a smoke run")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--rss-only", choices=METHODS, metavar="METHOD", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -391,16 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rss_only:
         rss_only(args.rss_only, args)
         return
-    machine = machine_info(args)
-    log(f"building the {machine['model']} model")
-    model = build_model(args.small)
-    batch = make_batch(model.config.vocab_size, args.batch, args.seq_len)
-    runs = [setup_method(name, model) for name in args.methods]
-    time_methods(runs, batch, args.repeats)
-    timings = [Timing(run.name, run.trainable_params, run.times_s) for run in runs]
-    del runs, model, batch  # free this process's buffers before the RSS subprocesses build their own
-    rss = {} if args.no_rss else {name: measure_rss(name, args) for name in args.methods}
-    results = summarize(timings, rss)
+    machine, results = run_benchmark(args)
     print(markdown(results, machine))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
