@@ -130,7 +130,7 @@ FLOOR_LEAVES = {
 
 # Each adapter method's config class (exported by ``cdvft_jax``) and its settings per model, as in
 # the papers: LoRA r=8 (RoBERTa-base) / r=16 (ViT-base) with alpha = r; VeRA r=256; FourierFT
-# n=1000, scale 150 (RoBERTa-base) / n=3000, scale 300 (ViT-base).  Query and value of every layer
+# n=1000, scaling alpha 150 (RoBERTa-base) / n=3000, alpha 300 (ViT-base).  Query and value of every layer
 # are adapted, the classifier trains in full.
 ADAPTER_CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "cdvft": ("CDVFTConfig", {"roberta-base": {}, "vit-base": {}}),
@@ -139,8 +139,8 @@ ADAPTER_CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "fourierft": (
         "FourierFTConfig",
         {
-            "roberta-base": {"n_frequency": 1000, "scale": 150.0},
-            "vit-base": {"n_frequency": 3000, "scale": 300.0},
+            "roberta-base": {"n_frequency": 1000, "alpha": 150.0},
+            "vit-base": {"n_frequency": 3000, "alpha": 300.0},
         },
     ),
 }
