@@ -58,10 +58,12 @@ __all__ = [
     "frozen_partition_specs",
     "global_batch_from_local",
     "is_main_process",
+    "local_rows",
     "make_mesh",
     "make_sharded_train_step",
     "maybe_initialize_distributed",
     "parse_mesh",
+    "process_batch_slice",
     "shard_batch",
     "shard_params",
     "shardings_of",
@@ -329,6 +331,60 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def process_batch_slice(global_batch_size: int, mesh: Mesh) -> slice:
+    """The rows of a global batch that this process's devices hold under :func:`batch_spec`.
+
+    The batch axis is split over the devices of ``mesh`` in its (row-major)
+    device order, so a process owns the rows of its own devices.  These rows,
+    in order, are the local data ``jax.make_array_from_process_local_data``
+    (:func:`global_batch_from_local`) expects from this process.  In a single
+    process this is every row.
+
+    Args:
+      global_batch_size: the number of examples in the global batch.
+      mesh: the mesh from :func:`make_mesh`.
+
+    Returns:
+      ``slice(start, stop)``: this process's rows, ``global_batch_size /
+      process_count`` of them.
+
+    Raises:
+      ValueError: if the batch size is not divisible by ``data * fsdp``, or if
+        this process's devices are not one contiguous block of the mesh's
+        device order (then its rows would not be one contiguous slice; build
+        the mesh with :func:`make_mesh`, or order the devices process by process).
+    """
+    _check_batch_size(mesh, global_batch_size)
+    indices = NamedSharding(mesh, batch_spec()).addressable_devices_indices_map((global_batch_size,))
+    ranges = sorted({index[0].indices(global_batch_size)[:2] for index in indices.values()})
+    start, stop = ranges[0]
+    for lo, hi in ranges[1:]:
+        if lo != stop:
+            raise ValueError(
+                f"process {jax.process_index()} holds the batch rows {[list(r) for r in ranges]} of a global batch "
+                f"of {global_batch_size} on mesh {dict(mesh.shape)}, which are not one contiguous block: its devices "
+                "are not adjacent in the mesh's device order (build the mesh with make_mesh, or list the devices "
+                "process by process)"
+            )
+        stop = hi
+    return slice(start, stop)
+
+
+def local_rows(batch: Any, mesh: Mesh) -> Any:
+    """This process's rows (:func:`process_batch_slice`) of a global host batch, for :func:`global_batch_from_local`.
+
+    When every process builds the same global batch (a tree of arrays with a
+    leading batch axis), ``global_batch_from_local(local_rows(batch, mesh),
+    mesh)`` is the global batch on ``mesh``, each process copying only its own
+    examples to its devices.  In a single process it is :func:`shard_batch`.
+
+    Raises:
+      ValueError: as :func:`process_batch_slice`, or if the leaves disagree on the batch size.
+    """
+    rows = process_batch_slice(_batch_size(batch), mesh)
+    return jax.tree.map(lambda x: x[rows], batch)
+
+
 # Process counts set by SLURM and MPI launchers.
 _PROCESS_COUNT_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -345,23 +401,42 @@ def _env_wants_distributed() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def maybe_initialize_distributed(coordinator: str | None = None) -> bool:
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Calls ``jax.distributed.initialize`` when a multi-process run asks for it.
 
-    A run asks for it with ``coordinator`` (``"host:port"`` of process 0, e.g.
-    from a ``--coordinator`` flag) or through the launcher's environment:
-    ``JAX_COORDINATOR_ADDRESS``, a SLURM or MPI job of several tasks, or a
-    TPU pod slice of several hosts.  JAX then reads the process count and
-    index from that environment.  Call it before anything touches a device.
+    A run asks for it with any argument (e.g. from the ``--coordinator``,
+    ``--num-processes`` and ``--process-id`` flags) or through the launcher's
+    environment: ``JAX_COORDINATOR_ADDRESS``, a SLURM or MPI job of several
+    tasks, or a TPU pod slice of several hosts.  JAX fills in what is not given
+    from that environment: on SLURM, Open MPI and TPU pods it finds everything
+    itself; elsewhere (e.g. plain processes on one or more machines) pass all
+    three, the coordinator either here or as ``JAX_COORDINATOR_ADDRESS``.
+    Call it before anything touches a device.
+
+    Args:
+      coordinator: ``"host:port"`` of process 0, reachable from every process.
+      num_processes: how many processes the run has.
+      process_id: this process's index, ``0 <= process_id < num_processes``.
 
     Returns:
       Whether JAX's distributed runtime is initialized (here or before).
     """
     if jax.distributed.is_initialized():
         return True
-    if coordinator is None and not _env_wants_distributed():
+    given = {
+        name: value
+        for name, value in (
+            ("coordinator_address", coordinator),
+            ("num_processes", num_processes),
+            ("process_id", process_id),
+        )
+        if value is not None
+    }
+    if not given and not _env_wants_distributed():
         return False
-    jax.distributed.initialize(coordinator_address=coordinator)
+    jax.distributed.initialize(**{"coordinator_address": coordinator, **given})
     return True
 
 

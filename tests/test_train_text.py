@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from text_process import MARKER as WRITES_MARKER
 
 import cdvft_jax
 from train import text
@@ -192,34 +194,119 @@ def test_resume_after_an_interruption_ends_where_a_straight_run_ends(tmp_path, t
         np.testing.assert_array_equal(saved[1][key], saved[0][key], err_msg=key)
 
 
-@needs_glue
-def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_model):
-    """``--mesh data=2,fsdp=4`` on 8 CPU devices (a subprocess: the device count is fixed at jax import)."""
-    args = [
-        *("--model", str(tiny_model), "--batch-size", "16", "--task", "sst2", "--data-dir", str(GLUE / "SST-2")),
-        *("--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1"),
-    ]
-    text.main([*args, "--output-dir", str(tmp_path / "single")])
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    sharded = [*args, "--output-dir", str(tmp_path / "sharded"), "--mesh", "data=2,fsdp=4"]
+SHARDED_ARGS = (
+    *("--batch-size", "16", "--task", "sst2", "--data-dir", str(GLUE / "SST-2")),
+    *("--max-train-samples", "64", "--max-eval-samples", "32", "--epochs", "1"),
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(out: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory, tiny_model) -> Path:
+    """The output folder of ``--mesh data=2,fsdp=4`` on 8 CPU devices in one process.
+
+    A subprocess: the device count is fixed when jax is imported.
+    """
+    if not GLUE.is_dir():
+        pytest.skip(f"the shared GLUE files are not at {GLUE}")
+    out = tmp_path_factory.mktemp("eight-devices") / "out"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    flags = ["--model", str(tiny_model), *SHARDED_ARGS, "--output-dir", str(out), "--mesh", "data=2,fsdp=4"]
     done = subprocess.run(
-        [sys.executable, "-m", "train.text", *sharded],
+        [sys.executable, "-m", "train.text", *flags],
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    single, parallel = (
-        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        for name in ("single", "sharded")
-    )
+    return out
+
+
+@needs_glue
+def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_model, eight_device_run):
+    """``--mesh data=2,fsdp=4`` on 8 CPU devices ends where the run on one device ends."""
+    text.main(["--model", str(tiny_model), *SHARDED_ARGS, "--output-dir", str(tmp_path / "single")])
+    single, parallel = _records(tmp_path / "single"), _records(eight_device_run)
     assert [r["step"] for r in parallel] == [r["step"] for r in single]
     np.testing.assert_allclose(parallel[-1]["train_loss"], single[-1]["train_loss"], rtol=1e-5)
-    weights = [
-        safetensors.numpy.load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
-        for name in ("single", "sharded")
-    ]
+    weights = [_adapter(tmp_path / "single"), _adapter(eight_device_run)]
     for key in weights[0]:
         np.testing.assert_allclose(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(tmp_path: Path, flags: list[str], hook: tuple[str, ...] = ()) -> list[tuple[int, str, list]]:
+    """Runs ``train.text`` as 2 processes x 4 CPU devices (tests/text_process.py); their status, log, writes.
+
+    The coordinator comes from ``JAX_COORDINATOR_ADDRESS``, the process count and index from the flags.
+    """
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}",
+    }
+    logs = [tmp_path / f"process-{i}.log" for i in range(2)]
+    processes = []
+    for i, log in enumerate(logs):
+        with log.open("w") as f:
+            command = [sys.executable, str(REPO / "tests" / "text_process.py"), *hook, *flags]
+            command += ["--num-processes", "2", "--process-id", str(i)]
+            processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for code, log in zip(codes, logs, strict=True):
+        output = log.read_text()
+        marked = [line for line in output.splitlines() if line.startswith(WRITES_MARKER)]
+        results.append((code, output, json.loads(marked[-1][len(WRITES_MARKER) :]) if marked else None))
+    return results
+
+
+def _assert_same_run(out: Path, reference: Path) -> None:
+    records, expected = _records(out), _records(reference)
+    # One line per evaluation: a second writer would repeat them.
+    assert [(r["step"], r["epoch"]) for r in records] == [(r["step"], r["epoch"]) for r in expected]
+    for got, want in zip(records, expected, strict=True):
+        assert got["accuracy"] == want["accuracy"]
+        if want["train_loss"] is not None:
+            np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-6)
+    results, reference_results = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert results["best"] == reference_results["best"]
+    assert results["runs"][0]["steps"] == reference_results["runs"][0]["steps"]
+    weights, reference_weights = _adapter(out), _adapter(reference)
+    assert weights.keys() == reference_weights.keys()
+    for key in weights:
+        np.testing.assert_allclose(weights[key], reference_weights[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@needs_glue
+def test_two_processes_match_one_process(tmp_path, tiny_model, eight_device_run):
+    """2 processes x 4 CPU devices, each placing its half of every batch, equal 1 process x 8 devices."""
+    out = tmp_path / "out"
+    flags = ["--model", str(tiny_model), *SHARDED_ARGS, "--output-dir", str(out), "--mesh", "data=2,fsdp=4"]
+    (code0, log0, _), (code1, log1, writes1) = _two_processes(tmp_path, flags)
+    assert code0 == 0, log0[-3000:]
+    assert code1 == 0, log1[-3000:]
+    assert writes1 == [], "process 1 wrote files of the run"
+    _assert_same_run(out, eight_device_run)
+    assert [p.name for p in (out / "checkpoints" / "cdvft").iterdir() if p.name.isdigit()] == ["4"]

@@ -79,6 +79,9 @@ class ImageConfig:
     checkpoint_every: int | None = None
     resume: bool = False
     mesh: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageSet:
@@ -243,6 +246,10 @@ def run(config: ImageConfig) -> dict:
     """Runs the fine-tuning described by ``config``; writes and returns ``results.json``'s content."""
     from transformers import FlaxViTForImageClassification
 
+    # First: a multi-process run joins its job before anything touches JAX (loading the model does).
+    mesh = mesh_from_flag(
+        config.mesh, coordinator=config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+    )
     train, dev = load_data(config)
     train = _subset(train, config.max_train_samples, config.seed)
     dev = _subset(dev, config.max_eval_samples, 0)
@@ -253,7 +260,6 @@ def run(config: ImageConfig) -> dict:
     mean, std = normalisation(config.model)
 
     log = prepare_output(config.output_dir, resume=config.resume)
-    mesh = mesh_from_flag(config.mesh)
     settings = TrainSettings.from_config(config)
     evaluation = Evaluation(
         batches=lambda: batches(dev, config.batch_size, size, mean, std, rng=None),

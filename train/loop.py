@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import cdvft_jax
@@ -92,10 +92,21 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) 
     p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
+    multi = parser.add_argument_group(
+        "multi-process runs",
+        "Start one process per host (or per GPU) with the same flags. SLURM, Open MPI and TPU pod slices are "
+        "detected; elsewhere give all three (the coordinator may come from JAX_COORDINATOR_ADDRESS instead).",
+    )
+    multi.add_argument("--coordinator", help="host:port of process 0, e.g. 10.0.0.1:1234")
+    multi.add_argument("--num-processes", type=int, help="how many processes the run has")
+    multi.add_argument("--process-id", type=int, help="this process's index, from 0")
 
 
 def prepare_output(output_dir: Path, *, resume: bool) -> Path:
-    """Creates ``output_dir`` and returns its ``metrics.jsonl``, emptied unless the run resumes."""
+    """Creates ``output_dir`` and returns its ``metrics.jsonl``, emptied unless the run resumes.
+
+    It asks JAX for the process index, so a multi-process run calls :func:`mesh_from_flag` first.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "metrics.jsonl"
     if not resume and sharding.is_main_process():
@@ -103,13 +114,21 @@ def prepare_output(output_dir: Path, *, resume: bool) -> Path:
     return log
 
 
-def mesh_from_flag(spec: str | None) -> Mesh | None:
-    """The device mesh of ``--mesh`` (``"data=2,fsdp=4"``), after joining a multi-host job if one is set up.
+def mesh_from_flag(
+    spec: str | None,
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Mesh | None:
+    """The device mesh of ``--mesh`` (``"data=2,fsdp=4"``), after joining a multi-process job if one is set up.
 
     ``None`` (no flag) on a single device means no mesh; with several devices and no flag every device
-    goes on the ``data`` axis.
+    goes on the ``data`` axis.  ``coordinator``, ``num_processes`` and ``process_id`` (the flags of the
+    same names) go to :func:`cdvft_jax.sharding.maybe_initialize_distributed`; call this before anything
+    else touches JAX.
     """
-    sharding.maybe_initialize_distributed()
+    sharding.maybe_initialize_distributed(coordinator, num_processes, process_id)
     if spec is None and jax.device_count() == 1:
         return None
     return sharding.make_mesh(sharding.parse_mesh(spec))
@@ -259,14 +278,15 @@ def train_and_evaluate(
         in ``log_path``; a resumed run ends bitwise identical to an uninterrupted one on CPU.
       mesh: shard the run over this device mesh (``cdvft_jax.sharding``): the frozen base FSDP-sharded
         along ``fsdp``, the batch split over ``data`` x ``fsdp``, the trainable state replicated.
-        ``None`` runs on one device.
+        ``None`` runs on one device.  With several processes every process iterates the same global
+        batches and copies only its own rows (``sharding.local_rows``) to its devices; predictions
+        come back replicated, so every process computes the same metrics.
 
     Returns:
       The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
     """
     if steps_per_epoch == 0:
         raise SystemExit("the training set is smaller than one batch")
-    original_batches = evaluation.batches
     total_steps = steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
@@ -290,11 +310,19 @@ def train_and_evaluate(
             sharding.shardings_of(frozen),
             batch_sharding,
         )
-        place = lambda batch: sharding.shard_batch(batch, mesh)  # noqa: E731
+        # Every process holds the same global batch and places only its own rows.
+        place = lambda batch: sharding.global_batch_from_local(sharding.local_rows(batch, mesh), mesh)  # noqa: E731
     eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
-    evaluation = evaluation._replace(batches=lambda: map(place, original_batches()))
-
     dropout_key = jax.random.key(settings.seed)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        # Replicated predictions can be read on every process (a batch-sharded output spans all hosts).
+        sharded_eval_step = jax.jit(eval_step, out_shardings=replicated)
+        eval_step = lambda trainable, frozen, batch: sharded_eval_step(trainable, frozen, place(batch))  # noqa: E731
+        # device_put takes a cross-process sharding for host arrays, not for typed keys.
+        key_data = jax.device_put(np.asarray(jax.random.key_data(dropout_key)), replicated)
+        dropout_key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(dropout_key))
+
     position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
     checkpointer = None
     if checkpoint_dir is not None:
@@ -376,7 +404,10 @@ def _logged_records(path: Path, method: str, step: int) -> list[dict]:
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in lines if r["method"] != method or r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if sharding.is_main_process():  # atomically: other processes may be reading the file
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temporary.replace(path)
     return [r for r in kept if r["method"] == method]
 
 

@@ -104,6 +104,9 @@ class TextConfig:
     checkpoint_every: int | None = None
     resume: bool = False
     mesh: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 class Encoded(NamedTuple):
@@ -216,8 +219,11 @@ def run(config: TextConfig) -> dict:
     dev = encode(tokenizer, dev_examples, config.max_length, regression)
     print(f"{spec.name}: {len(train_examples):,} train / {len(dev_examples):,} dev examples, model {model_path}")
 
+    # A multi-process run joins its job before anything touches JAX.
+    mesh = mesh_from_flag(
+        config.mesh, coordinator=config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+    )
     log = prepare_output(config.output_dir, resume=config.resume)
-    mesh = mesh_from_flag(config.mesh)
     settings = TrainSettings.from_config(config)
     pad_id = tokenizer.pad_token_id
     evaluation = Evaluation(
@@ -332,6 +338,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         mesh=args.mesh,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
         **values,
     )
 
