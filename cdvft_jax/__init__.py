@@ -5,7 +5,9 @@ The public API:
 * the math: :func:`cdv_delta`, :func:`cdv_delta_weight` and the general
   ``2m - 1`` factor :func:`cdv_product_delta` / :func:`cdv_product_weight`,
   with :func:`cdv_shape`, :func:`cdv_num_params`, :func:`cdv_flops_per_token`;
-* configs: :class:`CDVFTConfig` (and the generic :class:`AdapterConfig`);
+* configs: :class:`CDVFTConfig` (and the generic :class:`AdapterConfig`), and
+  the baselines :class:`LoRAConfig`, :class:`VeRAConfig`, :class:`FourierFTConfig`,
+  which go through the same injection, training, merge and save code;
 * adapting a model: :func:`inject` -> :class:`AdaptedModel` (``init``,
   ``split``, ``merge``, ``unmerge``, ``summary``, ``describe``), and
   :class:`CDVDense` for models you write yourself;
@@ -24,6 +26,7 @@ from cdvft_jax.cdv import (
     block_circulant_matrix,
     cdv_delta,
     cdv_delta_weight,
+    cdv_flops_per_step,
     cdv_flops_per_token,
     cdv_num_params,
     cdv_product_delta,
@@ -34,6 +37,7 @@ from cdvft_jax.cdv import (
 from cdvft_jax.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
 from cdvft_jax.checkpoint import CorruptCheckpointError, TrainingCheckpointer
 from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
+from cdvft_jax.fourierft import FOURIERFT, FOURIERFT_INIT_SCHEMES, FourierFTConfig, spectral_positions
 from cdvft_jax.injection import (
     AdaptedLayer,
     AdaptedModel,
@@ -43,6 +47,7 @@ from cdvft_jax.injection import (
     inject,
 )
 from cdvft_jax.layers import CDVDense
+from cdvft_jax.lora import LORA, LoRAConfig
 from cdvft_jax.method import AdapterMethod
 from cdvft_jax.params import count_params, merge_params, split_params
 from cdvft_jax.training import (
@@ -53,10 +58,15 @@ from cdvft_jax.training import (
     make_train_step,
     single_tree_optimizer,
 )
+from cdvft_jax.vera import VERA, VeRAConfig, vera_projections
 
 __all__ = [
     "CDVFT",
+    "FOURIERFT",
+    "FOURIERFT_INIT_SCHEMES",
     "INIT_SCHEMES",
+    "LORA",
+    "VERA",
     "AdaptedLayer",
     "AdaptedModel",
     "AdapterConfig",
@@ -67,15 +77,19 @@ __all__ = [
     "CDVShape",
     "CorruptCheckpointError",
     "DenseLayer",
+    "FourierFTConfig",
+    "LoRAConfig",
     "TrainState",
     "TrainingCheckpointer",
     "TrainableSummary",
+    "VeRAConfig",
     "__version__",
     "adapter_optimizer",
     "block_circulant_apply",
     "block_circulant_matrix",
     "cdv_delta",
     "cdv_delta_weight",
+    "cdv_flops_per_step",
     "cdv_flops_per_token",
     "cdv_num_params",
     "cdv_product_delta",
@@ -94,6 +108,8 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "single_tree_optimizer",
+    "spectral_positions",
     "split_params",
     "valid_block_sizes",
+    "vera_projections",
 ]

@@ -7,7 +7,8 @@ An adapter directory holds two files:
   class, and the shape of every adapted layer and ``modules_to_save`` leaf, so
   an adapter for another architecture is refused before anything is read;
 * ``adapter_model.safetensors``: every trainable leaf (the adapter leaves and
-  the ``modules_to_save`` leaves) in float32, keyed by its ``/``-joined
+  the ``modules_to_save`` leaves) in float32 (a method's frozen adapter leaves,
+  such as VeRA's projections, are rebuilt from the config instead), keyed by its ``/``-joined
   parameter path, e.g. ``roberta/encoder/layer/0/attention/self/query/cdv_a_in``.
   The frozen base weights are never stored.
 
@@ -303,6 +304,7 @@ def load_adapter(
     base = _flat_base_params(model, base_params, adapted)
     stored = _read_tensors(weights_path, _trainable_shapes(adapted))
     base.update((path, jnp.asarray(value)) for path, value in stored.items())
+    base.update(flat_params(adapted.frozen_adapter_params()))
     return adapted, unflat_params(base)
 
 
@@ -398,6 +400,7 @@ def _trainable_shapes(adapted: AdaptedModel) -> dict[str, Shape]:
         f"{path}/{name}": tuple(shape)
         for path, layer in adapted.layers.items()
         for name, shape in layer.param_shapes.items()
+        if name not in adapted.method.frozen_leaves
     }
     shapes.update(_saved_module_shapes(adapted))
     return shapes

@@ -35,6 +35,7 @@ __all__ = [
     "block_circulant_matrix",
     "cdv_delta",
     "cdv_delta_weight",
+    "cdv_flops_per_step",
     "cdv_flops_per_token",
     "cdv_num_params",
     "cdv_product_delta",
@@ -164,6 +165,16 @@ def cdv_flops_per_token(shape: CDVShape) -> float:
     for q_out, q_in, _ in shape.circulant_shapes:
         flops += q_in * _rfft_flops(p) + q_out * q_in * freqs * 8 + q_out * _rfft_flops(p)
     return flops
+
+
+def cdv_flops_per_step(shape: CDVShape) -> float:
+    """Analytic flops of the per-step work: one real FFT of every circulant block's first column.
+
+    Same convention as :func:`cdv_flops_per_token`; this is the part that
+    does not grow with the number of tokens.
+    """
+    p = shape.block_size
+    return float(sum(q_out * q_in * _rfft_flops(p) for q_out, q_in, _ in shape.circulant_shapes))
 
 
 def block_circulant_apply(c: jax.Array, u: jax.Array) -> jax.Array:

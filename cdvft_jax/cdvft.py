@@ -72,16 +72,6 @@ class CDVFTConfig(AdapterConfig):
             raise ValueError(f"num_factors must be an odd int >= 1, got {self.num_factors!r}")
         super().__post_init__()
 
-    @classmethod
-    def from_json(cls, text: str) -> CDVFTConfig:
-        """Inverse of :meth:`to_json`; rejects a config of another method."""
-        from cdvft_jax.config import config_from_json
-
-        config = config_from_json(text)
-        if not isinstance(config, cls):
-            raise ValueError(f"expected a {cls.method!r} config, got method {config.method!r}")
-        return config
-
     @property
     def adapter_method(self) -> AdapterMethod:
         return CDVFT
@@ -139,18 +129,24 @@ def _factors(params: LayerParams, config: CDVFTConfig) -> tuple[list[jax.Array],
     return [params[n] for n in diag_names], [params[n] for n in circ_names]
 
 
-def delta(params: LayerParams, x: jax.Array, config: CDVFTConfig) -> jax.Array:
+def delta(params: LayerParams, x: jax.Array, d_out: int, config: CDVFTConfig, rng: jax.Array | None) -> jax.Array:
+    del d_out, rng  # the factors carry the shape; the delta is deterministic
     diagonals, circulants = _factors(params, config)
     return cdv.cdv_product_delta(x, diagonals, circulants, out_dtype=jnp.float32)
 
 
-def delta_weight(params: LayerParams, config: CDVFTConfig) -> jax.Array:
+def delta_weight(params: LayerParams, d_in: int, d_out: int, config: CDVFTConfig) -> jax.Array:
+    del d_in, d_out
     diagonals, circulants = _factors(params, config)
     return cdv.cdv_product_weight(diagonals, circulants)
 
 
 def flops_per_token(d_in: int, d_out: int, config: CDVFTConfig, layer: str = "<layer>") -> float:
     return cdv.cdv_flops_per_token(_shape(d_in, d_out, config, layer))
+
+
+def flops_per_step(d_in: int, d_out: int, config: CDVFTConfig, layer: str = "<layer>") -> float:
+    return cdv.cdv_flops_per_step(_shape(d_in, d_out, config, layer))
 
 
 CDVFT = AdapterMethod(
@@ -161,5 +157,6 @@ CDVFT = AdapterMethod(
     delta=delta,
     delta_weight=delta_weight,
     flops_per_token=flops_per_token,
+    flops_per_step=flops_per_step,
 )
 """The CDVFT :class:`~cdvft_jax.method.AdapterMethod`."""

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterConfig",
     "ModulePatterns",
+    "check_dropout",
+    "check_positive_int",
     "config_from_dict",
     "config_from_json",
     "matches",
@@ -75,6 +77,18 @@ def matches_within(path: str, patterns: str | tuple[str, ...]) -> bool:
     """
     parts = path.split("/")
     return any(matches("/".join(parts[:k]), patterns) for k in range(1, len(parts) + 1))
+
+
+def check_positive_int(value: Any, field: str) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int (not a bool) greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field} must be a positive int, got {value!r}")
+
+
+def check_dropout(value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is a probability in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,6 +195,14 @@ class AdapterConfig:
     def to_json(self) -> str:
         """The config as a JSON string."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        """Inverse of :meth:`to_json`; a subclass rejects a config of another method."""
+        config = config_from_json(text)
+        if not isinstance(config, cls):
+            raise ValueError(f"expected a {cls.method!r} config, got method {config.method!r}")
+        return config
 
 
 def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:

@@ -173,7 +173,10 @@ class AdaptedModel:
                 "build params with AdaptedModel.init(key, base_params) or load an adapter"
             )
         leaves = {n: module.get_variable("params", n) for n in layer.param_shapes}
-        delta = self.method.delta(leaves, _dense_input(args, kwargs), layer.config)
+        # Training calls of Hugging Face models carry a dropout rng; evaluation calls do not.
+        wants_rng = self.method.needs_rng(layer.config) and module.scope.has_rng("dropout")
+        rng = module.make_rng("dropout") if wants_rng else None
+        delta = self.method.delta(leaves, _dense_input(args, kwargs), layer.d_out, layer.config, rng)
         return y + (layer.config.scaling * delta).astype(y.dtype)
 
     @contextlib.contextmanager
@@ -234,9 +237,26 @@ class AdaptedModel:
         layer = self.layers.get(module_path)
         return layer is not None and name in layer.param_shapes
 
+    def is_frozen_adapter_leaf(self, path: str) -> bool:
+        """Whether ``path`` is an adapter leaf the method keeps frozen (e.g. VeRA's random projections)."""
+        return self.is_adapter_leaf(path) and path.rpartition("/")[2] in self.method.frozen_leaves
+
     def is_trainable(self, path: str) -> bool:
-        """Adapter leaves and everything inside ``modules_to_save`` train; the rest is frozen."""
-        return self.is_adapter_leaf(path) or self.config.in_modules_to_save(path)
+        """Adapter leaves (but a method's frozen ones) and everything inside ``modules_to_save`` train."""
+        if self.is_adapter_leaf(path):
+            return not self.is_frozen_adapter_leaf(path)
+        return self.config.in_modules_to_save(path)
+
+    def frozen_adapter_params(self) -> dict:
+        """A tree of the method's frozen adapter leaves (empty for most methods).
+
+        They depend on the config alone, so :func:`~cdvft_jax.load_adapter`
+        rebuilds them instead of reading them from the adapter file.
+        """
+        if not self.method.frozen_leaves:
+            return {}
+        every_leaf = self.init_adapter(jax.random.key(0))
+        return split_params(every_leaf, self.is_frozen_adapter_leaf)[0]
 
     def split(self, params: Params) -> tuple[dict, dict]:
         """``(trainable, frozen)``: disjoint trees; ``merge_params`` joins them back."""
@@ -248,7 +268,7 @@ class AdaptedModel:
 
     def summary(self, params: Params) -> TrainableSummary:
         """Counts of adapter, ``modules_to_save`` and frozen parameters in ``params``."""
-        adapter, rest = split_params(params, self.is_adapter_leaf)
+        adapter, rest = split_params(params, lambda p: self.is_adapter_leaf(p) and self.is_trainable(p))
         saved, frozen = split_params(rest, self.config.in_modules_to_save)
         return TrainableSummary(count_params(adapter), count_params(saved), count_params(frozen))
 

@@ -57,5 +57,5 @@ class CDVDense(nn.Dense, AdapterLayerMarker):
         leaves = {
             name: self.param(name, init_leaf, name) for name in CDVFT.param_shapes(d_in, self.features, config, layer)
         }
-        delta = CDVFT.delta(leaves, inputs, config)
+        delta = CDVFT.delta(leaves, inputs, self.features, config, None)
         return y + (config.scaling * delta).astype(y.dtype)

@@ -19,7 +19,8 @@ __all__ = ["fold_adapters"]
 
 @functools.partial(jax.jit, static_argnames=("method", "config", "sign"))
 def _fold(kernel: jax.Array, leaves: Mapping[str, jax.Array], method, config, sign: float) -> jax.Array:
-    update = method.delta_weight(leaves, config) * (sign * config.scaling)
+    d_in, d_out = kernel.shape
+    update = method.delta_weight(leaves, d_in, d_out, config) * (sign * config.scaling)
     return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
 
 

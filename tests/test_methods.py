@@ -1,0 +1,323 @@
+"""The baseline methods (LoRA, VeRA, FourierFT) on the shared machinery, against float64 NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+from conftest import HEAD, TEXT, make_inputs, make_model
+from transformers import (
+    FlaxRobertaForSequenceClassification,
+    FlaxViTForImageClassification,
+    RobertaConfig,
+    ViTConfig,
+)
+
+import cdvft_jax
+from cdvft_jax import FOURIERFT, LORA, VERA, CDVFTConfig, FourierFTConfig, LoRAConfig, VeRAConfig
+from cdvft_jax.adapter_io import load_adapter, save_adapter
+from cdvft_jax.params import flat_params, unflat_params
+
+F64 = np.float64
+
+
+def random_leaves(method, config, d_in, d_out, seed=0):
+    """Leaves from ``init`` with every trainable one replaced by random values (nothing at zero)."""
+    leaves = method.init(jax.random.key(seed), d_in, d_out, config, "layer")
+    rng = np.random.default_rng(seed)
+    return {
+        name: value if name in method.frozen_leaves else jnp.asarray(rng.standard_normal(value.shape), jnp.float32)
+        for name, value in leaves.items()
+    }
+
+
+def as64(leaves):
+    return {name: np.asarray(value, F64) for name, value in leaves.items()}
+
+
+def fourierft_reference(spectrum, d_in, d_out, config):
+    """FourierFT's own layout: the spectrum is ``(d_out, d_in)`` like a PyTorch weight; dW is its transpose."""
+    rows, cols = cdvft_jax.spectral_positions(d_in, d_out, config.n_frequency, config.random_loc_seed)
+    torch_layout = np.zeros((d_out, d_in), F64)
+    torch_layout[cols, rows] = spectrum
+    return np.fft.ifft2(torch_layout).real.T
+
+
+REFERENCES = {
+    "lora": (LORA, LoRAConfig(rank=3), lambda p, d_in, d_out, c: p["lora_a"] @ p["lora_b"]),
+    "vera": (
+        VERA,
+        VeRAConfig(rank=5),
+        lambda p, d_in, d_out, c: (p["vera_a"] * p["vera_lambda_d"]) @ p["vera_b"] * p["vera_lambda_b"],
+    ),
+    "fourierft": (
+        FOURIERFT,
+        FourierFTConfig(n_frequency=37),
+        lambda p, d_in, d_out, c: fourierft_reference(p["fourierft_spectrum"], d_in, d_out, c),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize(("d_in", "d_out"), [(16, 16), (24, 40), (40, 8)])
+def test_delta_and_delta_weight_match_a_float64_reference(name, d_in, d_out):
+    method, config, reference = REFERENCES[name]
+    leaves = random_leaves(method, config, d_in, d_out)
+    expected_w = reference(as64(leaves), d_in, d_out, config)
+    assert expected_w.shape == (d_in, d_out)
+    scale = np.abs(expected_w).max()
+    assert scale > 0
+    np.testing.assert_allclose(method.delta_weight(leaves, d_in, d_out, config), expected_w, rtol=0, atol=1e-6 * scale)
+
+    x = np.random.default_rng(1).standard_normal((2, 3, d_in)).astype(np.float32)
+    expected = x.astype(F64) @ expected_w
+    got = method.delta(leaves, jnp.asarray(x), d_out, config, None)
+    assert got.dtype == jnp.float32 and got.shape == (2, 3, d_out)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # bfloat16 activations: the delta still comes out in float32, from the rounded inputs.
+    got16 = method.delta(leaves, jnp.asarray(x, jnp.bfloat16), d_out, config, None)
+    assert got16.dtype == jnp.float32
+    x16 = np.asarray(jnp.asarray(x, jnp.bfloat16), F64)
+    np.testing.assert_allclose(got16, x16 @ expected_w, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_fourierft_positions_are_distinct_seeded_and_shared_by_same_shaped_layers():
+    rows, cols = cdvft_jax.spectral_positions(24, 40, 300, 777)
+    assert rows.min() >= 0 and rows.max() < 24 and cols.min() >= 0 and cols.max() < 40
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 300
+    again = cdvft_jax.spectral_positions.__wrapped__(24, 40, 300, 777)  # uncached: same draw
+    np.testing.assert_array_equal(again[0], rows)
+    np.testing.assert_array_equal(again[1], cols)
+    other = cdvft_jax.spectral_positions(24, 40, 300, 778)
+    assert not np.array_equal(other[0] * 40 + other[1], rows * 40 + cols)
+
+
+def test_vera_projections_come_from_the_seed_alone_and_are_not_trainable():
+    config = VeRAConfig(rank=4)
+    one = VERA.init(jax.random.key(0), 16, 24, config, "a")
+    two = VERA.init(jax.random.key(1), 16, 24, config, "b")
+    for name in ("vera_a", "vera_b"):
+        np.testing.assert_array_equal(one[name], two[name])
+    # PyTorch kaiming_uniform_ bounds: sqrt(6 / fan_in), fan-in d_in for A and r for B.
+    assert np.abs(one["vera_a"]).max() <= (6 / 16) ** 0.5 and np.abs(one["vera_a"]).max() > 0.5 * (6 / 16) ** 0.5
+    assert np.abs(one["vera_b"]).max() <= (6 / 4) ** 0.5
+    other = VERA.init(jax.random.key(0), 16, 24, VeRAConfig(rank=4, projection_seed=1), "a")
+    assert not np.array_equal(other["vera_a"], one["vera_a"])
+    assert VERA.num_params(16, 24, config) == 4 + 24
+    np.testing.assert_array_equal(one["vera_lambda_d"], np.full(4, 0.1, np.float32))
+
+
+# --- on real Hugging Face models ----------------------------------------------------------------
+
+CONFIGS = {
+    "lora": lambda **kw: LoRAConfig(rank=4, alpha=8.0, **kw),
+    "vera": lambda **kw: VeRAConfig(rank=8, **kw),
+    "fourierft": lambda **kw: FourierFTConfig(n_frequency=50, alpha=40.0, **kw),
+}
+ZERO_INIT = {"lora": {}, "vera": {}, "fourierft": {"init": "zero"}}
+
+
+def adapt(model, family, name, **kwargs):
+    return cdvft_jax.inject(model, CONFIGS[name](modules_to_save=[HEAD[family]], **kwargs))
+
+
+def moved(adapted, params, seed=3):
+    """``params`` with every trainable adapter leaf set to random values, so the adapter changes the model."""
+    rng = np.random.default_rng(seed)
+    flat = flat_params(params)
+    for path, value in flat.items():
+        if adapted.is_adapter_leaf(path) and adapted.is_trainable(path):
+            flat[path] = jnp.asarray(rng.standard_normal(value.shape), jnp.float32)
+    return unflat_params(flat)
+
+
+def logits(fn, family, params, **kwargs):
+    inputs, _ = make_inputs(family)
+    return fn(**inputs, params=params, **kwargs).logits
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_zero_init_gives_the_base_logits_exactly(name, family):
+    model = make_model(family)
+    adapted = adapt(model, family, name, **ZERO_INIT[name])
+    params = adapted.init(jax.random.key(0), model.params)
+    np.testing.assert_array_equal(logits(adapted, family, params), logits(model, family, model.params))
+    np.testing.assert_array_equal(
+        jax.jit(lambda p: logits(adapted, family, p))(params),
+        jax.jit(lambda p: logits(model, family, p))(model.params),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_merged_model_gives_the_adapted_outputs_and_unmerge_restores(name, family):
+    model = make_model(family)
+    adapted = adapt(model, family, name)
+    params = moved(adapted, adapted.init(jax.random.key(0), model.params))
+    expected = logits(adapted, family, params)
+    base = logits(model, family, model.params)
+    assert np.abs(expected - base).max() > 1e-2 * np.abs(base).max()
+
+    merged = adapted.merge(params)
+    assert not any(adapted.is_adapter_leaf(p) for p in flat_params(merged))
+    np.testing.assert_allclose(logits(model, family, merged), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    restored = flat_params(adapted.unmerge(merged, adapted.adapter_params(params)))
+    original, merged_flat = flat_params(params), flat_params(merged)
+    assert set(restored) == set(original)
+    eps = np.finfo(np.float32).eps
+    for path, value in original.items():
+        if path.endswith("/kernel") and path.rpartition("/")[0] in adapted.layers:
+            # (kernel + dW) - dW in float32: within two roundings at the merged kernel's magnitude.
+            atol = 2 * eps * np.abs(merged_flat[path]).max()
+            np.testing.assert_allclose(restored[path], value, rtol=0, atol=atol, err_msg=path)
+        else:
+            np.testing.assert_array_equal(restored[path], value, err_msg=path)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_lowers_the_loss_and_changes_only_trainable_leaves(name):
+    family = "roberta"
+    model = make_model(family)
+    adapted = adapt(model, family, name)
+    params = adapted.init(jax.random.key(0), model.params)
+    before = {k: np.asarray(v) for k, v in flat_params(params).items()}
+    trainable, frozen = adapted.split(params)
+    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=2e-2, head_learning_rate=2e-2)
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+    inputs, labels = make_inputs(family)
+
+    def loss_fn(p, batch, rng):
+        return optax.softmax_cross_entropy_with_integer_labels(adapted(**inputs, params=p).logits, labels).mean()
+
+    step = cdvft_jax.make_train_step(loss_fn, optimizer)
+    losses = []
+    for k in range(8):
+        state, metrics = step(state, frozen, None, jax.random.key(k))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    trainable_paths = set(flat_params(trainable))
+    assert trainable_paths == {p for p in before if adapted.is_trainable(p)}
+    after = flat_params(cdvft_jax.merge_params(state.trainable, frozen))
+    for path, value in after.items():
+        if path in trainable_paths:
+            assert not np.array_equal(value, before[path]), f"{path} did not train"
+        else:
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
+def test_trainable_counts_and_veras_frozen_projections():
+    model = make_model("roberta")
+    layers, d = 2 * 2, TEXT["hidden_size"]  # (query, value) x 2 layers, square
+    head = d * d + d + d * 3 + 3
+    expected = {"lora": layers * 2 * 4 * d, "vera": layers * (8 + d), "fourierft": layers * 50}
+    for name, count in expected.items():
+        adapted = adapt(model, "roberta", name)
+        params = adapted.init(jax.random.key(0), model.params)
+        summary = adapted.summary(params)
+        assert summary.adapter == count, name
+        assert summary.modules_to_save == head
+        assert summary.total == cdvft_jax.count_params(params)
+        assert cdvft_jax.count_params(adapted.split(params)[0]) == count + head
+    vera = adapt(model, "roberta", "vera")
+    params = vera.init(jax.random.key(0), model.params)
+    trainable, frozen = vera.split(params)
+    query = "roberta/encoder/layer/0/attention/self/query"
+    assert f"{query}/vera_a" in flat_params(frozen) and f"{query}/vera_b" in flat_params(frozen)
+    assert set(flat_params(trainable)) >= {f"{query}/vera_lambda_d", f"{query}/vera_lambda_b"}
+    assert "adapted (40 params)" in vera.describe()  # lambda_d (8) + lambda_b (32), projections not counted
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_save_and_load_round_trip_exactly_and_store_only_trainable_leaves(name, tmp_path):
+    model = make_model("roberta")
+    adapted = adapt(model, "roberta", name)
+    params = moved(adapted, adapted.init(jax.random.key(0), model.params))
+    save_adapter(tmp_path / "a", adapted, params)
+    keys = set(safetensors.numpy.load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert keys == set(flat_params(adapted.split(params)[0]))
+    assert not any(k.endswith(("/vera_a", "/vera_b")) for k in keys)
+
+    fresh = make_model("roberta")
+    loaded_adapted, loaded = load_adapter(tmp_path / "a", fresh)
+    assert type(loaded_adapted.config) is type(adapted.config)
+    assert loaded_adapted.config == adapted.config
+    np.testing.assert_array_equal(logits(loaded_adapted, "roberta", loaded), logits(adapted, "roberta", params))
+
+
+def test_lora_dropout_is_unbiased_and_only_active_in_training_calls():
+    config = LoRAConfig(rank=4, dropout=0.25)
+    leaves = random_leaves(LORA, config, 12, 10)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 12)), jnp.float32)
+    plain = LORA.delta(leaves, x, 10, LoRAConfig(rank=4), None)
+    np.testing.assert_array_equal(LORA.delta(leaves, x, 10, config, None), plain)
+    draws = jax.vmap(lambda k: LORA.delta(leaves, x, 10, config, k))(jax.random.split(jax.random.key(0), 4000))
+    assert not np.allclose(draws[0], draws[1])
+    # Inverted dropout keeps the expectation: the sample mean is within 5 standard errors of the plain delta.
+    stderr = np.asarray(draws).std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(np.asarray(draws).mean(axis=0) - plain) < 5 * stderr + 1e-6)
+
+    # In a model: a training call (with a dropout rng) draws masks, an evaluation call does not.
+    quiet = RobertaConfig(**TEXT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = FlaxRobertaForSequenceClassification(quiet, seed=0)
+    with_dropout = cdvft_jax.inject(model, LoRAConfig(rank=4, dropout=0.5))
+    without = cdvft_jax.inject(model, LoRAConfig(rank=4))
+    params = moved(with_dropout, with_dropout.init(jax.random.key(0), model.params))
+    eval_logits = logits(with_dropout, "roberta", params, train=False)
+    np.testing.assert_array_equal(eval_logits, logits(without, "roberta", params, train=False))
+    one = logits(with_dropout, "roberta", params, train=True, dropout_rng=jax.random.key(1))
+    two = logits(with_dropout, "roberta", params, train=True, dropout_rng=jax.random.key(2))
+    assert not np.allclose(one, two) and not np.allclose(one, eval_logits)
+    np.testing.assert_array_equal(
+        logits(without, "roberta", params, train=True, dropout_rng=jax.random.key(1)), eval_logits
+    )
+
+
+def test_paper_parameter_ratios_on_roberta_base_and_vit_base():
+    def adapter_count(model, config):
+        adapted = cdvft_jax.inject(model, config)
+        return sum(adapted.method.num_params(a.d_in, a.d_out, a.config, p) for p, a in adapted.layers.items())
+
+    roberta = FlaxRobertaForSequenceClassification(RobertaConfig(), _do_init=False)
+    cdvft, lora8 = adapter_count(roberta, CDVFTConfig()), adapter_count(roberta, LoRAConfig(rank=8))
+    assert (cdvft, lora8) == (55_296, 294_912)
+    assert round(lora8 / cdvft, 2) == 5.33
+    vit = FlaxViTForImageClassification(ViTConfig(), _do_init=False)
+    cdvft, lora16 = adapter_count(vit, CDVFTConfig()), adapter_count(vit, LoRAConfig(rank=16))
+    assert (cdvft, lora16) == (55_296, 589_824)
+    assert round(lora16 / cdvft, 2) == 10.67
+    assert adapter_count(roberta, VeRAConfig(rank=1024)) == 24 * (1024 + 768)  # VeRA paper: 43k
+    assert adapter_count(roberta, FourierFTConfig(n_frequency=1000)) == 24_000  # FourierFT paper: 24k
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LoRAConfig(rank=0), "rank must be a positive int"),
+        (lambda: LoRAConfig(rank=2.0), "rank must be a positive int"),
+        (lambda: LoRAConfig(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (lambda: VeRAConfig(rank=-1), "rank must be a positive int"),
+        (lambda: VeRAConfig(projection_seed="x"), "projection_seed must be an int"),
+        (lambda: FourierFTConfig(n_frequency=0), "n_frequency must be a positive int"),
+        (lambda: FourierFTConfig(init="ones"), "init must be one of"),
+        (lambda: LoRAConfig(overrides={"query": {"rank": 0}}), "rank must be a positive int"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_layer_too_small_for_n_frequency_is_named():
+    model = make_model("roberta")
+    with pytest.raises(ValueError, match=r"layer 'roberta/encoder/layer/0/attention/self/query' \(32 x 32\)"):
+        cdvft_jax.inject(model, FourierFTConfig(n_frequency=32 * 32 + 1))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_configs_round_trip_through_json_and_refuse_another_method(name):
+    config = CONFIGS[name](modules_to_save=["classifier"], overrides={".*layer/1/.*": {"alpha": 3.0}})
+    assert cdvft_jax.config_from_json(config.to_json()) == config
+    assert type(config).from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="expected a 'cdvft' config"):
+        CDVFTConfig.from_json(config.to_json())
