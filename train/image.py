@@ -33,6 +33,7 @@ from train.loop import (
     Evaluation,
     TrainSettings,
     add_run_arguments,
+    default_learning_rate,
     mesh_from_flag,
     prepare_output,
     summary_table,
@@ -67,8 +68,10 @@ class ImageConfig:
     batch_size: int = 32
     learning_rate: float = 5e-3
     head_learning_rate: float = 5e-3
-    alpha: float = 1.0
+    alpha: float | None = None
     block_size: int | None = None
+    rank: int | None = None
+    n_frequency: int | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_steps: int | None = None
@@ -312,13 +315,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no --eval-dir")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=5e-3, help="CDVFT vectors")
+    p.add_argument(
+        "--learning-rate", type=float, help="adapter peak rate (default: 5e-3 for cdvft, the paper's for baselines)"
+    )
     p.add_argument("--head-learning-rate", type=float, default=5e-3)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, help="adapter scale (default: the method's)")
     p.add_argument("--max-train-samples", type=int)
     p.add_argument("--max-eval-samples", type=int)
     add_run_arguments(p, default_output=Path("outputs/image"))
     args = p.parse_args(argv)
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(args.method, ImageConfig.learning_rate)
     return ImageConfig(**vars(args))
 
 

@@ -29,8 +29,17 @@ from cdvft_jax import sharding
 from cdvft_jax.checkpoint import TrainingCheckpointer
 from cdvft_jax.config import matches_within
 
-METHODS = ("cdvft", "head", "full")
+ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
+METHODS = (*ADAPTER_METHODS, "head", "full")
 FULL_LEARNING_RATE = 2e-5
+# Peak adapter learning rates of the baselines when no flag sets one, from their papers' RoBERTa-base
+# GLUE runs (a program's preset rate is CDVFT's).
+BASELINE_LEARNING_RATES = {"lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2}
+
+
+def default_learning_rate(method: str, cdvft_rate: float) -> float:
+    """The peak adapter learning rate of ``method`` when no flag sets one; ``cdvft_rate`` is the program's."""
+    return BASELINE_LEARNING_RATES.get(method, cdvft_rate)
 
 
 class Batch(NamedTuple):
@@ -49,14 +58,16 @@ class TrainSettings:
       method: one of :data:`METHODS`.
       epochs: passes over the training data.
       learning_rate: peak rate of the adapter vectors.
-      head_learning_rate: peak rate of the classifier head (``cdvft`` and ``head``).
-      alpha: CDVFT scale.
+      head_learning_rate: peak rate of the classifier head (adapter methods and ``head``).
+      alpha: the adapter's scale (``None``: the method's default; LoRA scales by ``alpha / rank``).
       block_size: CDVFT circulant block size (``None``: one block per square layer).
+      rank: LoRA / VeRA rank (``None``: 8 for LoRA, 256 for VeRA).
+      n_frequency: FourierFT spectral coefficients per layer (``None``: 1000).
       weight_decay: AdamW decoupled weight decay.
       warmup_ratio: share of the steps with a linear warm-up.
       max_steps: stop after this many optimizer steps.
       seed: seeds the head, the adapter, dropout and shuffling.
-      target_modules: the layers CDVFT adapts.
+      target_modules: the layers the adapter method adapts.
       head_modules: the modules trained in full (the task head).
     """
 
@@ -64,8 +75,10 @@ class TrainSettings:
     epochs: int = 3
     learning_rate: float = 5e-3
     head_learning_rate: float = 5e-3
-    alpha: float = 1.0
+    alpha: float | None = None
     block_size: int | None = None
+    rank: int | None = None
+    n_frequency: int | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_steps: int | None = None
@@ -81,9 +94,11 @@ class TrainSettings:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
-    """The flags both programs share: CDV block size, optimizer schedule, seed, outputs, checkpoints, mesh."""
+    """The flags both programs share: method sizes, optimizer schedule, seed, outputs, checkpoints, mesh."""
     p = parser
-    p.add_argument("--block-size", type=int, help="circulant block size (default: one block per square layer)")
+    p.add_argument("--block-size", type=int, help="cdvft: circulant block size (default: one block per square layer)")
+    p.add_argument("--rank", type=int, help="lora / vera: the rank (default: 8 for lora, 256 for vera)")
+    p.add_argument("--n-frequency", type=int, help="fourierft: spectral coefficients per layer (default: 1000)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -157,6 +172,38 @@ def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedu
     )
 
 
+# The TrainSettings fields (named like the config fields they set) that size each adapter method.
+_METHOD_SIZES = {"cdvft": ("block_size",), "lora": ("rank",), "vera": ("rank",), "fourierft": ("n_frequency",)}
+
+
+def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfig:
+    """The adapter config of method ``name`` (one of :data:`ADAPTER_METHODS`) from ``settings``.
+
+    Raises:
+      SystemExit: if a size of another method is set (e.g. ``--rank`` with ``cdvft``) or a value is invalid.
+    """
+    every_size = {size for sizes in _METHOD_SIZES.values() for size in sizes}
+    stray = sorted(f for f in every_size - set(_METHOD_SIZES[name]) if getattr(settings, f) is not None)
+    if stray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in stray)
+        raise SystemExit(f"{flags} does not apply to --method {name}")
+    fields = {f: getattr(settings, f) for f in _METHOD_SIZES[name] if getattr(settings, f) is not None}
+    if settings.alpha is not None:
+        fields["alpha"] = settings.alpha
+    config_class = {
+        "cdvft": cdvft_jax.CDVFTConfig,
+        "lora": cdvft_jax.LoRAConfig,
+        "vera": cdvft_jax.VeRAConfig,
+        "fourierft": cdvft_jax.FourierFTConfig,
+    }[name]
+    try:
+        return config_class(
+            target_modules=list(settings.target_modules), modules_to_save=list(settings.head_modules), **fields
+        )
+    except ValueError as e:
+        raise SystemExit(f"--method {name}: {e}") from e
+
+
 def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: int) -> MethodSetup:
     """The trainable/frozen split and optimizer of method ``name`` for a Hugging Face Flax ``model``."""
     head_lr = schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio)
@@ -164,14 +211,8 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
     def in_head(path: str) -> bool:
         return matches_within(path, settings.head_modules)
 
-    if name == "cdvft":
-        adapter_config = cdvft_jax.CDVFTConfig(
-            target_modules=list(settings.target_modules),
-            modules_to_save=list(settings.head_modules),
-            alpha=settings.alpha,
-            block_size=settings.block_size,
-        )
-        adapted = cdvft_jax.inject(model, adapter_config)
+    if name in ADAPTER_METHODS:
+        adapted = cdvft_jax.inject(model, adapter_config(name, settings))
         params = adapted.init(jax.random.key(settings.seed), model.params)
         trainable, frozen = adapted.split(params)
         optimizer = cdvft_jax.adapter_optimizer(

@@ -33,6 +33,7 @@ from train.loop import (
     Evaluation,
     TrainSettings,
     add_run_arguments,
+    default_learning_rate,
     mesh_from_flag,
     prepare_output,
     summary_table,
@@ -51,9 +52,9 @@ class Preset:
     epochs: int = 3
     batch_size: int = 32
     max_length: int = 128
-    learning_rate: float = 5e-3  # CDVFT vectors; --method full uses FULL_LEARNING_RATE
+    learning_rate: float = 5e-3  # CDVFT vectors; baselines use BASELINE_LEARNING_RATES, full FULL_LEARNING_RATE
     head_learning_rate: float = 5e-3
-    alpha: float = 1.0
+    alpha: float | None = None  # the method's default
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -91,8 +92,10 @@ class TextConfig:
     max_length: int = 128
     learning_rate: float = 5e-3
     head_learning_rate: float = 5e-3
-    alpha: float = 1.0
+    alpha: float | None = None
     block_size: int | None = None
+    rank: int | None = None
+    n_frequency: int | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_steps: int | None = None
@@ -318,6 +321,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
     preset = PRESETS[task]
     pick = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)}
     values = {k: (v if v is not None else getattr(preset, k)) for k, v in pick.items()}
+    if args.learning_rate is None:
+        values["learning_rate"] = default_learning_rate(args.method, preset.learning_rate)
     return TextConfig(
         task=task,
         model=args.model,
@@ -329,6 +334,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         label_column=args.label_column,
         regression=args.regression,
         block_size=args.block_size,
+        rank=args.rank,
+        n_frequency=args.n_frequency,
         weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio,
         max_steps=args.max_steps,

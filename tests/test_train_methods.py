@@ -1,0 +1,79 @@
+"""``--method lora|vera|fourierft`` in the training programs: same loop, same files, the right sizes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import cdvft_jax
+from train import image, text
+from train.loop import BASELINE_LEARNING_RATES, TrainSettings, adapter_config
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+# Tiny BERT: 2 layers x (query, value), 32 x 32; the head is 32 x 2 + 2.
+ADAPTER_COUNTS = {
+    "lora": ({"--rank": "4"}, 2 * 2 * 4 * (32 + 32)),
+    "vera": ({"--rank": "16"}, 2 * 2 * (16 + 32)),
+    "fourierft": ({"--n-frequency": "40"}, 2 * 2 * 40),
+}
+
+
+@pytest.mark.skipif(not GLUE.is_dir(), reason=f"the shared GLUE files are not at {GLUE}")
+@pytest.mark.parametrize("method", sorted(ADAPTER_COUNTS))
+def test_a_baseline_run_trains_saves_and_loads_like_cdvft(method, tmp_path, tiny_model):
+    sizes, adapter_count = ADAPTER_COUNTS[method]
+    out = tmp_path / "out"
+    text.main(
+        [
+            *("--model", str(tiny_model), "--output-dir", str(out), "--method", method),
+            *("--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--batch-size", "16", "--epochs", "1"),
+            *("--max-train-samples", "48", "--max-eval-samples", "32"),
+            *[item for pair in sizes.items() for item in pair],
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method
+    assert results["trainable_params"] == adapter_count + 32 * 2 + 2
+    assert results["config"]["learning_rate"] == BASELINE_LEARNING_RATES[method]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3] and records[1]["train_loss"] > 0
+
+    from transformers import FlaxBertForSequenceClassification
+
+    saved = cdvft_jax.read_adapter_config(out / "adapter")
+    assert saved["adapter"]["method"] == method
+    fresh = FlaxBertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    adapted, params = cdvft_jax.load_adapter(out / "adapter", fresh)
+    trainable, _ = adapted.split(params)
+    assert cdvft_jax.count_params(trainable) == adapter_count + 32 * 2 + 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (TrainSettings(method="cdvft", rank=4), "--rank does not apply to --method cdvft"),
+        (TrainSettings(method="lora", block_size=8), "--block-size does not apply to --method lora"),
+        (TrainSettings(method="vera", n_frequency=8), "--n-frequency does not apply to --method vera"),
+        (TrainSettings(method="lora", rank=0), "--method lora: rank must be a positive int"),
+    ],
+)
+def test_sizes_of_another_method_or_bad_values_are_refused(settings, message):
+    with pytest.raises(SystemExit, match=message):
+        adapter_config(settings.method, settings)
+
+
+def test_method_defaults_and_flags_reach_the_configs():
+    assert adapter_config("lora", TrainSettings()) == cdvft_jax.LoRAConfig(
+        target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
+    config = adapter_config("vera", TrainSettings(rank=64, alpha=2.0))
+    assert (config.rank, config.alpha) == (64, 2.0)
+    assert adapter_config("fourierft", TrainSettings(n_frequency=10)).n_frequency == 10
+    assert adapter_config("cdvft", TrainSettings(block_size=16)).block_size == 16
+    # Each program's default rate is CDVFT's; the baselines get their papers' unless a flag says otherwise.
+    assert text.parse_args(["--method", "fourierft"]).learning_rate == BASELINE_LEARNING_RATES["fourierft"]
+    assert text.parse_args(["--method", "cdvft"]).learning_rate == text.PRESETS["tweets"].learning_rate
+    assert text.parse_args(["--method", "lora", "--learning-rate", "1e-3"]).learning_rate == 1e-3
+    assert image.parse_args(["--model", "m", "--method", "vera"]).learning_rate == BASELINE_LEARNING_RATES["vera"]
+    assert image.parse_args(["--model", "m"]).learning_rate == image.ImageConfig.learning_rate
