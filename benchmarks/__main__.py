@@ -32,7 +32,7 @@ Parts
 Modes
 -----
 * full (default): 12-layer models, 5 interleaved repeats after 2 warm-up steps,
-  peak RSS over 3 steps; operator ``d`` in 768, 1024, 4096, ``tokens`` in 512,
+  peak RSS over 3 steps (two RSS subprocesses at a time); operator ``d`` in 768, 1024, 4096, ``tokens`` in 512,
   2048, 16384, block sizes 64, 256, ``d``, 3 repeats.
 * ``--quick``: the train step on the models truncated to 2 encoder layers (full
   width, same batch; 14 compilations of the 12-layer models alone take longer
@@ -61,6 +61,8 @@ MODES: dict[str, dict[str, Any]] = {
         "repeats": 5,
         "warmup": 2,
         "rss_steps": 3,
+        "rss_jobs": 2,
+        "no_rss": False,
         "layers": None,
         "dims": (768, 1024, 4096),
         "tokens": (512, 2048, 16384),
@@ -71,6 +73,8 @@ MODES: dict[str, dict[str, Any]] = {
         "repeats": 2,
         "warmup": 1,
         "rss_steps": 1,
+        "rss_jobs": 2,
+        "no_rss": True,
         "layers": 2,
         "dims": (768, 1024, 4096),
         "tokens": (512, 2048),
@@ -81,6 +85,8 @@ MODES: dict[str, dict[str, Any]] = {
         "repeats": 1,
         "warmup": 0,
         "rss_steps": 1,
+        "rss_jobs": 2,
+        "no_rss": False,
         "layers": None,
         "dims": (64,),
         "tokens": (32,),
@@ -111,13 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", type=parse_methods, default=list(step_time.METHODS), help="comma-separated")
     parser.add_argument("--repeats", type=positive_int, help="interleaved train-step rounds (default: by mode)")
     add_step_arguments(parser)
+    parser.add_argument("--rss", dest="no_rss", action="store_false", help="measure peak RSS (off in --quick)")
     for action in parser._actions:  # the mode picks these unless given
-        if action.dest in ("layers", "warmup", "rss_steps"):
+        if action.dest in ("layers", "warmup", "rss_steps", "rss_jobs", "no_rss"):
             action.default = None
     args = parser.parse_args(argv)
     args.mode = "quick" if args.quick else "tiny" if args.tiny else "full"
     settings = MODES[args.mode]
-    for key in ("repeats", "warmup", "rss_steps", "layers"):
+    for key in ("repeats", "warmup", "rss_steps", "rss_jobs", "no_rss", "layers"):
         if getattr(args, key) is None:
             setattr(args, key, settings[key])
     args.small = args.tiny

@@ -370,6 +370,15 @@ def measure_rss(method: str, args: argparse.Namespace) -> float:
     return float(lines[-1])
 
 
+def measure_all_rss(args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of every method, ``--rss-jobs`` subprocesses at a time (a process's own peak does not
+    depend on what runs beside it; only their wall time does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.rss_jobs) as pool:
+        return dict(zip(args.methods, pool.map(lambda name: measure_rss(name, args), args.methods), strict=True))
+
+
 def cpu_model() -> str:
     """``lscpu``'s model name where available, else ``platform.processor()`` or the machine type."""
     try:
@@ -484,7 +493,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[s
     time_methods(runs, batch, args.repeats, args.warmup)
     timings = [Timing(run.name, run.trainable_params, run.times_s, run.flops) for run in runs]
     del runs, model, batch  # free this process's buffers before the RSS subprocesses build their own
-    rss = {} if args.no_rss else {name: measure_rss(name, args) for name in args.methods}
+    rss = {} if args.no_rss else measure_all_rss(args)
     return machine, summarize(timings, rss, machine["batch"] * machine["seq_len"])
 
 
@@ -517,6 +526,7 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=positive_int, help="encoder layers (default: the base model's 12)")
     parser.add_argument("--warmup", type=non_negative_int, default=WARMUP_STEPS, help="untimed steps after compiling")
     parser.add_argument("--rss-steps", type=positive_int, default=RSS_STEPS, help="steps each RSS child runs")
+    parser.add_argument("--rss-jobs", type=positive_int, default=1, help="RSS subprocesses run at a time")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
 
 
