@@ -5,7 +5,9 @@ The multi-device checks need 8 CPU devices, which XLA only creates when
 already.  So this file is also a script: run as ``__main__`` under
 ``--xla_force_host_platform_device_count=8`` it runs every mesh check in one
 subprocess and prints ``{check: "ok" | traceback}``; the tests below assert
-on that.  The rest runs in-process on one device.
+on that.  Run with ``--process ID`` it is one of two processes of 4 CPU
+devices each (``jax.distributed``, Gloo collectives), checking which batch rows
+each process places.  The rest runs in-process on one device.
 """
 
 from __future__ import annotations
@@ -369,7 +371,10 @@ def test_batches_on_one_process() -> None:
     batch = {"ids": np.arange(12).reshape(3, 4), "labels": np.arange(3)}
     placed, local = sharding.shard_batch(batch, mesh), sharding.global_batch_from_local(batch, mesh)
     batch_sharding = NamedSharding(mesh, sharding.batch_spec())
-    for tree in (placed, local):
+    # One process holds every row: local_rows is the batch itself.
+    assert sharding.process_batch_slice(3, mesh) == slice(0, 3)
+    rows = sharding.global_batch_from_local(sharding.local_rows(batch, mesh), mesh)
+    for tree in (placed, local, rows):
         assert sharding.shardings_of(tree) == {"ids": batch_sharding, "labels": batch_sharding}
         jax.tree.map(np.testing.assert_array_equal, tree, batch)
     with pytest.raises(ValueError, match=r"disagree on the batch size: \[2, 3\]"):
@@ -407,9 +412,120 @@ def test_maybe_initialize_distributed(
     assert calls == ([{"coordinator_address": coordinator}] if wanted else [])
 
 
+def test_maybe_initialize_distributed_passes_the_process_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in _LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    # JAX_COORDINATOR_ADDRESS (read by jax.distributed.initialize itself) plus the count and index.
+    assert sharding.maybe_initialize_distributed(num_processes=2, process_id=1)
+    assert sharding.maybe_initialize_distributed("h:1", 4, 0)
+    assert calls == [
+        {"coordinator_address": None, "num_processes": 2, "process_id": 1},
+        {"coordinator_address": "h:1", "num_processes": 4, "process_id": 0},
+    ]
+
+
 def test_single_process_is_main() -> None:
     assert sharding.is_main_process()
 
 
+# ---------------------------------------------------------------------------
+# Two processes x 4 CPU devices (each runs this file with --process PROCESS_ID).
+
+
+def _process_worker(process_id: int) -> dict[str, str]:
+    """Batch rows and placement on a 2-process mesh; the coordinator is in ``JAX_COORDINATOR_ADDRESS``."""
+    assert sharding.maybe_initialize_distributed(num_processes=2, process_id=process_id)
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4), jax.devices()
+    results: dict[str, str] = {}
+    batch = {"ids": np.arange(16 * 3).reshape(16, 3), "labels": np.arange(16) % 5}
+
+    for spec in ("data=2,fsdp=4", "fsdp=8", "data=8"):
+        mesh = sharding.make_mesh(sharding.parse_mesh(spec))
+        try:
+            assert sharding.process_batch_slice(16, mesh) == slice(8 * process_id, 8 * process_id + 8)
+            local = sharding.local_rows(batch, mesh)
+            np.testing.assert_array_equal(local["ids"], batch["ids"][8 * process_id : 8 * process_id + 8])
+            placed = sharding.global_batch_from_local(local, mesh)
+            assert placed["ids"].shape == (16, 3) and not placed["ids"].is_fully_addressable
+            for shard in placed["ids"].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), batch["ids"][shard.index])
+            # Gathered back: every process sees the whole global batch.
+            gathered = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))(placed)
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gathered), batch)
+            results[f"local_rows_assemble_the_global_batch[{spec}]"] = "ok"
+        except Exception:
+            results[f"local_rows_assemble_the_global_batch[{spec}]"] = traceback.format_exc()
+
+    try:
+        # Devices of the two processes alternating along the batch axis: no process owns one block of rows.
+        by_process = [[d for d in jax.devices() if d.process_index == i] for i in range(2)]
+        interleaved = [d for pair in zip(*by_process, strict=True) for d in pair]
+        mesh = sharding.make_mesh({"data": 2, "fsdp": 4}, devices=interleaved)
+        with pytest.raises(ValueError, match=rf"process {process_id} holds the batch rows .* not one contiguous"):
+            sharding.process_batch_slice(16, mesh)
+        with pytest.raises(ValueError, match="not one contiguous"):
+            sharding.local_rows(batch, mesh)
+        results["interleaved_devices_are_refused"] = "ok"
+    except Exception:
+        results["interleaved_devices_are_refused"] = traceback.format_exc()
+    return results
+
+
+PROCESS_CHECKS = [
+    *(f"local_rows_assemble_the_global_batch[{spec}]" for spec in ("data=2,fsdp=4", "fsdp=8", "data=8")),
+    "interleaved_devices_are_refused",
+]
+
+
+@pytest.fixture(scope="module")
+def two_process_results() -> list[dict[str, str]]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--process", str(i)],
+            env=env,
+            cwd=TESTS.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, output in zip(processes, outputs, strict=True):
+        lines = [line for line in output.splitlines() if line.startswith(MARKER)]
+        assert p.returncode == 0 and lines, f"process worker failed ({p.returncode}):\n{output}"
+        results.append(json.loads(lines[-1][len(MARKER) :]))
+    return results
+
+
+@pytest.mark.parametrize("process", [0, 1])
+@pytest.mark.parametrize("name", PROCESS_CHECKS)
+def test_on_two_processes(two_process_results: list[dict[str, str]], process: int, name: str) -> None:
+    result = two_process_results[process]
+    assert result.get(name) == "ok", result.get(name, f"check {name} did not run")
+
+
 if __name__ == "__main__":
-    print(MARKER + json.dumps(_worker()), flush=True)
+    if sys.argv[1:2] == ["--process"]:
+        print(MARKER + json.dumps(_process_worker(int(sys.argv[2]))), flush=True)
+    else:
+        print(MARKER + json.dumps(_worker()), flush=True)
