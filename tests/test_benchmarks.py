@@ -1,0 +1,102 @@
+"""The benchmark suite (``python -m benchmarks``) on tiny models: its JSON interface and its checks."""
+
+import json
+
+import pytest
+
+from benchmarks import __main__ as suite
+from benchmarks import params
+from benchmarks.step_time import METHODS, MODELS
+
+TRAIN_STEP_KEYS = {
+    "model": str,
+    "method": str,
+    "ms_per_step": float,
+    "ms_min": float,
+    "ms_max": float,
+    "ratio_to_floor": float,
+    "tokens_per_s": float,
+    "repeats": int,
+    "trainable_params": int,
+}
+PARAMS_KEYS = {"model": str, "method": str, "trainable_params": int, "adapter_params": int}
+FLOPS_KEYS = {"model": str, "method": str, "analytic": float, "xla": float}
+OPERATOR_KEYS = {"d": int, "tokens": int, "direction": str, "op": str, "ms": float, "xla_flops": float}
+TINY_D, TINY_LAYERS = 64, 2  # step_time's tiny models: hidden 64, 2 layers, query + value adapted
+
+
+def check_rows(rows, keys):
+    assert rows
+    for row in rows:
+        for key, kind in keys.items():
+            assert isinstance(row[key], kind), (key, row)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Two tiny suite runs: the train step and flops on two methods; params and operators on all."""
+    folder = tmp_path_factory.mktemp("bench")
+    step = ["--tiny", "--no-rss", "--batch", "2", "--seq-len", "16", "--methods", "floor,cdvft"]
+    suite.main(["--json", str(folder / "step.json"), "--parts", "train_step,flops", *step])
+    suite.main(["--json", str(folder / "rest.json"), "--tiny", "--parts", "params,operator"])
+    return [json.loads((folder / name).read_text()) for name in ("step.json", "rest.json")]
+
+
+def test_json_interface(results):
+    for out in results:
+        assert list(out) == ["machine", "train_step", "params", "flops", "operator"]
+        assert out["machine"]["mode"] == "tiny" and out["machine"]["cores"] >= 1
+    step, rest = results
+    check_rows(step["train_step"], TRAIN_STEP_KEYS)
+    expected = {(m, x) for m in MODELS for x in ("floor", "cdvft")}
+    assert {(r["model"], r["method"]) for r in step["train_step"]} == expected
+    assert all("peak_rss_mb" in r for r in step["train_step"])
+    assert all(r["ratio_to_floor"] == 1.0 for r in step["train_step"] if r["method"] == "floor")
+    check_rows(step["flops"], FLOPS_KEYS)
+    cdvft = [r for r in step["flops"] if r["method"] == "cdvft"]
+    assert all(r["analytic"] > 0 and r["xla"] > 0 and r["xla_train_step"] > 0 for r in cdvft)
+    check_rows(rest["params"], PARAMS_KEYS)
+    assert {(r["model"], r["method"]) for r in rest["params"]} == {(m, x) for m in MODELS for x in METHODS}
+    check_rows(rest["operator"], OPERATOR_KEYS)
+
+
+def test_params_match_analytic_counts(results):
+    rows = {(r["model"], r["method"]): r for r in results[1]["params"]}
+    layers = 2 * TINY_LAYERS
+    per_layer = {
+        "cdvft": 3 * TINY_D,
+        "lora": {"roberta-base": 8, "vit-base": 16},  # rank * (d_in + d_out)
+        "vera": 256 + TINY_D,  # scaling vectors d (rank) and b (d_out)
+        "fourierft": {"roberta-base": 1000, "vit-base": 3000},  # n spectral coefficients
+    }
+    for (model, method), row in rows.items():
+        count = per_layer.get(method, 0)
+        if method == "lora":
+            count = count[model] * 2 * TINY_D
+        elif isinstance(count, dict):
+            count = count[model]
+        assert row["adapter_params"] == row["analytic_adapter_params"] == layers * count, (model, method)
+        if method != "full":
+            assert row["trainable_params"] >= row["adapter_params"] + row["head_params"] > 0
+    assert rows["roberta-base", "lora"]["adapter_ratio_to_cdvft"] == pytest.approx(16 / 3)
+    assert rows["vit-base", "lora"]["adapter_ratio_to_cdvft"] == pytest.approx(32 / 3)
+
+
+def test_full_size_params_ratio():
+    """The paper's counts, on abstract shapes: CDVFT 55,296 vs LoRA 294,912 (r=8) and 589,824 (r=16)."""
+    lora = {"roberta-base": 294_912, "vit-base": 589_824}
+    for model, expected in lora.items():
+        rows = {r["method"]: r for r in params.param_rows(model, ["cdvft", "lora"])}
+        assert rows["cdvft"]["adapter_params"] == 55_296
+        assert rows["lora"]["adapter_params"] == expected
+    assert 294_912 / 55_296 == pytest.approx(5.33, abs=0.005)
+    assert 589_824 / 55_296 == pytest.approx(10.67, abs=0.005)
+
+
+def test_dense_operator_flops_are_two_t_d_d(results):
+    dense = [r for r in results[1]["operator"] if r["op"] == "dense" and r["direction"] == "fwd"]
+    assert dense
+    for row in dense:
+        assert row["xla_flops"] == 2 * row["tokens"] * row["d"] * row["d"]
+    cdv = [r for r in results[1]["operator"] if r["op"].startswith("cdv")]
+    assert cdv and all(r["ratio_to_dense"] > 0 and r["ratio_to_lora"] > 0 for r in cdv)
