@@ -270,9 +270,13 @@ def cdv_product_weight(diagonals: Sequence[jax.Array], circulants: Sequence[jax.
     ``x @ cdv_product_weight(ds, cs)`` equals ``cdv_product_delta(x, ds, cs)``.
     """
     _check_factors(diagonals, circulants)
-    # Row-vector form: x @ W with W = D_0 C_1^T D_1 C_2^T ... D_{m-1}.
-    weight = jnp.diag(diagonals[0].astype(jnp.float32))
-    for diag, circ in zip(diagonals[1:], circulants, strict=True):
+    # Row-vector form: x @ W with W = D_0 C_1^T D_1 C_2^T ... D_{m-1}.  Diagonals scale rows and
+    # columns; only products of circulants need a matmul (none for the paper's three factors).
+    if not circulants:
+        return jnp.diag(diagonals[0].astype(jnp.float32))
+    weight = diagonals[0].astype(jnp.float32)[:, None] * block_circulant_matrix(circulants[0]).T
+    weight = weight * diagonals[1].astype(jnp.float32)
+    for diag, circ in zip(diagonals[2:], circulants[1:], strict=True):
         weight = jnp.matmul(weight, block_circulant_matrix(circ).T, precision=_HIGHEST)
         weight = weight * diag.astype(jnp.float32)
     return weight
