@@ -63,6 +63,42 @@ def make_inputs(family: str, batch: int = 4, seed: int = 0) -> tuple[dict, jnp.n
 HEAD = {"roberta": "classifier", "bert": "classifier", "vit": "classifier"}
 
 
+def check_training_changes_only_trainable_leaves(adapted, model, family: str) -> None:
+    """Eight AdamW steps on one batch lower the loss; every trainable leaf moves, every other is bitwise kept."""
+    import jax
+    import optax
+
+    import cdvft_jax
+    from cdvft_jax.params import flat_params
+
+    params = adapted.init(jax.random.key(0), model.params)
+    before = {k: np.asarray(v) for k, v in flat_params(params).items()}
+    trainable, frozen = adapted.split(params)
+    assert set(flat_params(trainable)) == {p for p in before if adapted.is_trainable(p)}
+    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=2e-2, head_learning_rate=2e-2)
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+
+    def loss_fn(p, batch, rng):
+        inputs, labels = batch
+        return optax.softmax_cross_entropy_with_integer_labels(adapted(**inputs, params=p).logits, labels).mean()
+
+    step = cdvft_jax.make_train_step(loss_fn, optimizer)
+    batch = make_inputs(family)
+    losses = []
+    for k in range(8):
+        state, metrics = step(state, frozen, batch, jax.random.key(k))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    after = flat_params(cdvft_jax.merge_params(state.trainable, frozen))
+    assert set(after) == set(before)
+    for path, value in after.items():
+        if adapted.is_trainable(path):
+            assert not np.array_equal(value, before[path]), f"{path} did not train"
+        else:
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
 @pytest.fixture(params=["roberta", "bert", "vit"])
 def family(request) -> str:
     return request.param
@@ -87,3 +123,34 @@ def tiny_model(tmp_path_factory):
     FlaxBertModel(config, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def check_merge_and_unmerge(adapted, model, params, family: str) -> None:
+    """The merged base model gives the adapted logits; unmerging restores ``params``.
+
+    Unmerged kernels are ``(kernel + dW) - dW`` in float32, so they are held to two roundings at the
+    merged kernel's magnitude; every other leaf must come back bitwise.
+    """
+    from cdvft_jax.params import flat_params
+
+    inputs, _ = make_inputs(family)
+    expected = adapted(**inputs, params=params).logits
+    base = model(**inputs, params=model.params).logits
+    # The adapter moves the logits far beyond the merge tolerance below.
+    assert np.abs(expected - base).max() > 1e-2 * np.abs(base).max()
+
+    merged = adapted.merge(params)
+    assert not any(adapted.is_adapter_leaf(p) for p in flat_params(merged))
+    got = model(**inputs, params=merged).logits
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+    restored = flat_params(adapted.unmerge(merged, adapted.adapter_params(params)))
+    original, merged_flat = flat_params(params), flat_params(merged)
+    assert set(restored) == set(original)
+    eps = np.finfo(np.float32).eps
+    for path, value in original.items():
+        if path.endswith("/kernel") and path.rpartition("/")[0] in adapted.layers:
+            atol = 2 * eps * np.abs(merged_flat[path]).max()
+            np.testing.assert_allclose(restored[path], value, rtol=0, atol=atol, err_msg=path)
+        else:
+            np.testing.assert_array_equal(restored[path], value, err_msg=path)

