@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -161,7 +161,7 @@ class TrainingCheckpointer:
         step: int,
         state: TrainState,
         rng: jax.Array,
-        data_position: Mapping[str, Any],
+        data_position: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
         force: bool = False,
     ) -> bool:
         """Saves a checkpoint at multiples of ``save_every``, or whenever ``force`` is set.
@@ -171,7 +171,9 @@ class TrainingCheckpointer:
           state: the train state after ``step`` steps.
           rng: the run's base key (typed or raw), from which per-step keys are derived.
           data_position: where to resume the data, e.g. ``{"epoch": 2, "batch": 17}``;
-            any JSON-serializable mapping (Python floats round-trip exactly).
+            any JSON-serializable mapping (Python floats round-trip exactly), or a
+            function returning one, called only when a checkpoint is written (so
+            a position that reads device values costs no host sync between saves).
           force: save even off the interval, e.g. after the last step.  A step
             that is already saved is not written again.
 
@@ -180,6 +182,8 @@ class TrainingCheckpointer:
         """
         if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
             return False
+        if callable(data_position):
+            data_position = data_position()
         rng_tree = _rng_tree(rng)
         return self._manager.save(
             step,

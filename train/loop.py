@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -280,6 +281,41 @@ def evaluate(eval_step, trainable, frozen, evaluation: Evaluation) -> dict[str, 
     return evaluation.metrics(np.concatenate(predictions), evaluation.labels)
 
 
+class RunningLoss:
+    """Sum and count of an epoch's step losses, read from the device only when asked for.
+
+    Converting each step's loss to a Python float would make the host wait for every step
+    before it prepares the next batch; the losses are kept as device scalars until the
+    progress bar, a checkpoint or the epoch's end needs them.
+    """
+
+    def __init__(self, total: float = 0.0, count: int = 0) -> None:
+        self.total, self.count = total, count
+        self._pending: list[jax.Array] = []
+
+    def add(self, loss: jax.Array) -> None:
+        """Records one step's loss without waiting for it."""
+        self._pending.append(loss)
+
+    def settle(self) -> tuple[float, int]:
+        """``(sum, count)`` so far; waits for the pending steps."""
+        for loss in self._pending:  # in step order, so a resumed run sums exactly as a straight one
+            self.total += float(loss)
+            self.count += 1
+        self._pending.clear()
+        return self.total, self.count
+
+    def mean(self) -> float | None:
+        """The mean loss so far, ``None`` before the first step."""
+        total, count = self.settle()
+        return total / count if count else None
+
+    def position(self, epoch: int, batch: int) -> dict[str, Any]:
+        """The resumable data position after ``batch`` batches of ``epoch``, with the running loss."""
+        total, count = self.settle()
+        return {"epoch": epoch, "batch": batch, "loss_sum": total, "loss_count": count}
+
+
 def train_and_evaluate(
     model: Any,
     settings: TrainSettings,
@@ -364,13 +400,13 @@ def train_and_evaluate(
         key_data = jax.device_put(np.asarray(jax.random.key_data(dropout_key)), replicated)
         dropout_key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(dropout_key))
 
-    position = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
+    resume_from = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
     checkpointer = None
     if checkpoint_dir is not None:
         checkpointer = TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every or total_steps)
         restored = checkpointer.restore_latest(state, dropout_key) if resume else None
         if restored is not None:
-            state, dropout_key, position = restored
+            state, dropout_key, resume_from = restored
             print(f"[{method}] resumed from step {int(state.step)} in {checkpoint_dir}", flush=True)
     step = int(state.step)
     # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
@@ -381,12 +417,15 @@ def train_and_evaluate(
         _append_jsonl(log_path, records[-1])
 
     first_step, start = step, time.perf_counter()
+    position: dict[str, Any] | Callable[[], dict[str, Any]] = resume_from  # where the last step left the data
     try:
         with tqdm(total=total_steps, initial=step, desc=description, unit="step", dynamic_ncols=True) as bar:
-            for epoch in range(position["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
-                resumed_here = epoch == position["epoch"]
-                skip = position["batch"] if resumed_here else 0
-                loss_sum, loss_count = (position["loss_sum"], position["loss_count"]) if resumed_here else (0.0, 0)
+            for epoch in range(resume_from["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
+                resumed_here = epoch == resume_from["epoch"]
+                skip = resume_from["batch"] if resumed_here else 0
+                losses = RunningLoss()
+                if resumed_here:
+                    losses = RunningLoss(resume_from["loss_sum"], resume_from["loss_count"])
                 for index, batch in enumerate(train_batches(epoch)):
                     if index < skip:
                         continue  # consumed before the restart; iterating keeps any augmentation RNG in step
@@ -394,18 +433,18 @@ def train_and_evaluate(
                         break
                     state, metrics = train_step(state, frozen, place(batch), jax.random.fold_in(dropout_key, step))
                     step += 1
-                    loss_sum, loss_count = loss_sum + float(metrics["loss"]), loss_count + 1
-                    position = {"epoch": epoch, "batch": index + 1, "loss_sum": loss_sum, "loss_count": loss_count}
+                    losses.add(metrics["loss"])
+                    position = functools.partial(losses.position, epoch, index + 1)
                     if checkpointer is not None:
                         checkpointer.maybe_save(step, state, dropout_key, position)
                     if step % 10 == 0 or step == total_steps:
                         rate = (step - first_step) * len(batch.labels) / (time.perf_counter() - start)
-                        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", ex_per_s=f"{rate:.0f}")
+                        bar.set_postfix(loss=f"{losses.mean():.4f}", ex_per_s=f"{rate:.0f}")
                     bar.update(1)
                 if any(r["epoch"] == epoch for r in records):
                     continue  # evaluated before the restart
                 result = evaluate(eval_step, state.trainable, frozen, evaluation)
-                train_loss = loss_sum / loss_count if loss_count else None
+                train_loss = losses.mean()
                 records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
                 _append_jsonl(log_path, records[-1])
                 bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
