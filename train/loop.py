@@ -1,9 +1,10 @@
 """The fine-tuning loop shared by ``train.text`` and ``train.image``.
 
-A method (``cdvft``, ``head``, ``full``) decides which parameters train and with which optimizer;
-:func:`train_and_evaluate` runs the paper's protocol on top of the library: AdamW with a linear schedule
-and 6% warm-up, dev evaluation before training and after every epoch, the best epoch reported.  Data
-comes in as :class:`Batch` iterators, so the loop knows nothing about text or images.
+A method (``cdvft``, the baselines ``lora``, ``vera``, ``fourierft``, or ``head``, ``full``) decides which
+parameters train and with which optimizer; :func:`train_and_evaluate` runs the paper's protocol on top of
+the library: AdamW with a linear schedule and 6% warm-up, dev evaluation before training and after every
+epoch, the best epoch reported.  Data comes in as :class:`Batch` iterators, so the loop knows nothing about
+text or images.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ and after each.
 
     python -m train.text                                            # quickstart
     python -m train.text --task sst2 --data-dir ../shared/data/glue/SST-2 --model roberta-base
+    python -m train.text --method lora --rank 8                     # a baseline: lora, vera, fourierft
     python -m train.text --task custom --train-file a.csv --eval-file b.csv --text-columns text --label-column y
 
 Protocol (the paper's, which follows FourierFT's): adapt query and value, train the classifier head in
