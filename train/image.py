@@ -31,6 +31,7 @@ from train.loop import (
     METHODS,
     Batch,
     Evaluation,
+    RunConfig,
     TrainSettings,
     add_run_arguments,
     default_learning_rate,
@@ -54,37 +55,20 @@ class ImageSet(NamedTuple):
     class_names: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageConfig:
-    """Everything one image run needs; built by :func:`parse_args`."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageConfig(RunConfig):
+    """Everything one image run needs; built by :func:`parse_args`.
+
+    The training and run fields come from :class:`~train.loop.RunConfig`; these are the image ones.
+    """
 
     model: str
-    method: str = "cdvft"
     dataset: str | None = None
     image_dir: Path | None = None
     eval_dir: Path | None = None
     eval_fraction: float = 0.2
     epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 5e-3
-    head_learning_rate: float = 5e-3
-    alpha: float | None = None
-    block_size: int | None = None
-    rank: int | None = None
-    n_frequency: int | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_steps: int | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 0
     output_dir: Path = Path("outputs/image")
-    checkpoint_every: int | None = None
-    resume: bool = False
-    mesh: str | None = None
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
 
 
 def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageSet:

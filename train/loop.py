@@ -95,6 +95,35 @@ class TrainSettings:
         return cls(**{name: getattr(config, name) for name in names})
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(TrainSettings):
+    """:class:`TrainSettings` plus what both programs share: batch size, data subsets and the run flags.
+
+    Attributes:
+      batch_size: examples per optimizer step (the global batch on a mesh).
+      max_train_samples: train on a fixed random subset of this size.
+      max_eval_samples: evaluate on a fixed random subset of this size.
+      output_dir: where ``metrics.jsonl``, ``results.json``, the adapter and checkpoints go.
+      checkpoint_every: save the trainable state every N steps (and at the end).
+      resume: continue from the latest checkpoint in ``output_dir``.
+      mesh: ``--mesh``, e.g. ``"data=2,fsdp=4"``.
+      coordinator: process 0's ``host:port`` in a multi-process run.
+      num_processes: how many processes the run has.
+      process_id: this process's index.
+    """
+
+    batch_size: int = 32
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    output_dir: Path = Path("outputs")
+    checkpoint_every: int | None = None
+    resume: bool = False
+    mesh: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
     """The flags both programs share: method sizes, optimizer schedule, seed, outputs, checkpoints, mesh."""
     p = parser

@@ -32,6 +32,7 @@ from train.loop import (
     METHODS,
     Batch,
     Evaluation,
+    RunConfig,
     TrainSettings,
     add_run_arguments,
     default_learning_rate,
@@ -75,42 +76,24 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """Everything one run needs; built from the command line by :func:`parse_args`."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextConfig(RunConfig):
+    """Everything one run needs; built from the command line by :func:`parse_args`.
+
+    The training and run fields come from :class:`~train.loop.RunConfig`; these are the text ones.
+    """
 
     task: str = "tweets"
     model: str | None = None
-    method: str = "cdvft"
     data_dir: Path | None = None
     train_file: Path | None = None
     eval_file: Path | None = None
     text_columns: tuple[str, ...] = ("text",)
     label_column: str = "label"
     regression: bool = False
-    epochs: int = 3
-    batch_size: int = 32
     max_length: int = 128
-    learning_rate: float = 5e-3
-    head_learning_rate: float = 5e-3
-    alpha: float | None = None
-    block_size: int | None = None
-    rank: int | None = None
-    n_frequency: int | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_steps: int | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 0
     output_dir: Path = Path("outputs/text")
     compare_head: bool = False
-    checkpoint_every: int | None = None
-    resume: bool = False
-    mesh: str | None = None
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
 
 
 class Encoded(NamedTuple):
