@@ -3,8 +3,8 @@
 The injection, training, merge, save and sharding code only ever talks to an
 :class:`AdapterMethod`, so a new method (LoRA, VeRA, FourierFT, ...) is a new
 ``AdapterMethod`` plus its :class:`~cdvft_jax.config.AdapterConfig` subclass.
-Every function receives the layer's resolved config (overrides applied) and the
-layer's name for error messages.
+Every function receives the layer's resolved config (overrides applied); those
+that look at a layer's shape also receive its name, for error messages.
 """
 
 from __future__ import annotations
