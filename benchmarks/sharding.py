@@ -64,15 +64,7 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
     from jax.sharding import NamedSharding
 
     import cdvft_jax
-    from benchmarks.step_time import (
-        ADAPTER_LEARNING_RATE,
-        HEAD_LEARNING_RATE,
-        SEED,
-        WEIGHT_DECAY,
-        make_batch,
-        make_loss,
-    )
-    from cdvft_jax import CDVFTConfig
+    from benchmarks.step_time import SEED, make_batch, method_parts
     from cdvft_jax.sharding import (
         batch_spec,
         frozen_partition_specs,
@@ -85,16 +77,7 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
         state_shardings_for,
     )
 
-    config = CDVFTConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
-    adapted = cdvft_jax.inject(model, config)
-    trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
-    optimizer = cdvft_jax.adapter_optimizer(
-        adapted,
-        adapter_learning_rate=ADAPTER_LEARNING_RATE,
-        head_learning_rate=HEAD_LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY,
-    )
-    loss_fn = make_loss(adapted)
+    trainable, frozen, optimizer, loss_fn = method_parts("cdvft", model)
 
     mesh = make_mesh(parse_mesh(layout))
     frozen = shard_params(frozen, frozen_partition_specs(frozen, mesh), mesh)

@@ -128,16 +128,19 @@ FLOOR_LEAVES = {
     "vit-base": "vit/embeddings/position_embeddings",
 }
 
-# Each adapter method's config class (exported by ``cdvft_jax``) and its settings per model, as in
+# Each adapter method's config class and its settings per model, as in
 # the papers: LoRA r=8 (RoBERTa-base) / r=16 (ViT-base) with alpha = r; VeRA r=256; FourierFT
 # n=1000, scaling alpha 150 (RoBERTa-base) / n=3000, alpha 300 (ViT-base).  Query and value of every layer
 # are adapted, the classifier trains in full.
-ADAPTER_CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "cdvft": ("CDVFTConfig", {"roberta-base": {}, "vit-base": {}}),
-    "lora": ("LoRAConfig", {"roberta-base": {"rank": 8, "alpha": 8.0}, "vit-base": {"rank": 16, "alpha": 16.0}}),
-    "vera": ("VeRAConfig", {"roberta-base": {"rank": 256}, "vit-base": {"rank": 256}}),
+ADAPTER_CONFIGS: dict[str, tuple[type[cdvft_jax.AdapterConfig], dict[str, dict[str, Any]]]] = {
+    "cdvft": (cdvft_jax.CDVFTConfig, {"roberta-base": {}, "vit-base": {}}),
+    "lora": (
+        cdvft_jax.LoRAConfig,
+        {"roberta-base": {"rank": 8, "alpha": 8.0}, "vit-base": {"rank": 16, "alpha": 16.0}},
+    ),
+    "vera": (cdvft_jax.VeRAConfig, {"roberta-base": {"rank": 256}, "vit-base": {"rank": 256}}),
     "fourierft": (
-        "FourierFTConfig",
+        cdvft_jax.FourierFTConfig,
         {
             "roberta-base": {"n_frequency": 1000, "alpha": 150.0},
             "vit-base": {"n_frequency": 3000, "alpha": 300.0},
@@ -147,11 +150,8 @@ ADAPTER_CONFIGS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
 
 
 def adapter_config(method: str, model: str) -> cdvft_jax.AdapterConfig:
-    """The config of adapter ``method`` for ``model`` (the class is looked up in ``cdvft_jax`` lazily)."""
-    class_name, settings = ADAPTER_CONFIGS[method]
-    config_class = getattr(cdvft_jax, class_name, None)
-    if config_class is None:
-        raise ValueError(f"method {method!r} needs cdvft_jax.{class_name}, which this version does not export")
+    """The config of adapter ``method`` for ``model``."""
+    config_class, settings = ADAPTER_CONFIGS[method]
     return config_class(target_modules=("query", "value"), modules_to_save=["classifier"], **settings[model])
 
 
@@ -291,8 +291,17 @@ class MethodRun:
         return elapsed
 
 
-def setup_method(name: str, model: Any, kind: str = "roberta-base") -> MethodRun:
-    """Splits the shared model's params for ``name`` and builds its optimizer, state and step."""
+class MethodParts(NamedTuple):
+    """What a method trains and how: the split of the shared model's params, its optimizer and loss."""
+
+    trainable: Params
+    frozen: Params
+    optimizer: optax.GradientTransformation
+    loss_fn: LossFn
+
+
+def method_parts(name: str, model: Any, kind: str = "roberta-base") -> MethodParts:
+    """Splits the shared model's params for ``name`` and builds its optimizer and loss."""
     if name in ADAPTER_METHODS:
         adapted = cdvft_jax.inject(model, adapter_config(name, kind))
         trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
@@ -302,19 +311,23 @@ def setup_method(name: str, model: Any, kind: str = "roberta-base") -> MethodRun
             head_learning_rate=HEAD_LEARNING_RATE,
             weight_decay=WEIGHT_DECAY,
         )
-        loss_fn = make_loss(adapted)
-    elif name in BASELINE_METHODS:
+        return MethodParts(trainable, frozen, optimizer, make_loss(adapted))
+    if name in BASELINE_METHODS:
         trainable, frozen = cdvft_jax.split_params(model.params, trainable_predicate(name, kind))
         optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        loss_fn = make_loss(model)
-    else:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        return MethodParts(trainable, frozen, optimizer, make_loss(model))
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def setup_method(name: str, model: Any, kind: str = "roberta-base") -> MethodRun:
+    """The :class:`MethodRun` of ``name``: its step, initial state and frozen tree."""
+    parts = method_parts(name, model, kind)
     return MethodRun(
         name=name,
-        step=cdvft_jax.make_train_step(loss_fn, optimizer),
-        state=cdvft_jax.init_train_state(trainable, optimizer),
-        frozen=frozen,
-        trainable_params=cdvft_jax.count_params(trainable),
+        step=cdvft_jax.make_train_step(parts.loss_fn, parts.optimizer),
+        state=cdvft_jax.init_train_state(parts.trainable, parts.optimizer),
+        frozen=parts.frozen,
+        trainable_params=cdvft_jax.count_params(parts.trainable),
     )
 
 
