@@ -1,6 +1,11 @@
 """Tiny random Hugging Face models (no network) shared by the tests."""
 
 import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -154,3 +159,34 @@ def check_merge_and_unmerge(adapted, model, params, family: str) -> None:
             np.testing.assert_allclose(restored[path], value, rtol=0, atol=atol, err_msg=path)
         else:
             np.testing.assert_array_equal(restored[path], value, err_msg=path)
+
+
+def run_two_cpu_processes(command_of: Callable[[int], list[str]], cwd: Path, timeout: float) -> list[tuple[int, str]]:
+    """Runs ``command_of(i)`` for ``i`` in 0, 1 as one JAX job of 2 processes x 4 CPU devices.
+
+    The coordinator is a free local port in ``JAX_COORDINATOR_ADDRESS``; each command passes its own
+    process index.  Output goes to files (a full pipe could stall one process while the other waits
+    for it in a collective).  Returns ``(exit code, output)`` per process; both are killed on timeout.
+    """
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        logs = [Path(folder) / f"process-{i}.log" for i in range(2)]
+        processes = []
+        for i, log in enumerate(logs):
+            with log.open("w") as f:
+                processes.append(subprocess.Popen(command_of(i), env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=timeout) for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+        return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]

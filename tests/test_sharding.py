@@ -481,38 +481,13 @@ PROCESS_CHECKS = [
 
 @pytest.fixture(scope="module")
 def two_process_results() -> list[dict[str, str]]:
-    import socket
+    from conftest import run_two_cpu_processes  # not at the top: the workers run this file without pytest
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-    }
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--process", str(i)],
-            env=env,
-            cwd=TESTS.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
+    runs = run_two_cpu_processes(lambda i: [sys.executable, __file__, "--process", str(i)], TESTS.parent, 120)
     results = []
-    for p, output in zip(processes, outputs, strict=True):
+    for code, output in runs:
         lines = [line for line in output.splitlines() if line.startswith(MARKER)]
-        assert p.returncode == 0 and lines, f"process worker failed ({p.returncode}):\n{output}"
+        assert code == 0 and lines, f"process worker failed ({code}):\n{output}"
         results.append(json.loads(lines[-1][len(MARKER) :]))
     return results
 

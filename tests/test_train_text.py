@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import run_two_cpu_processes
 from text_process import MARKER as WRITES_MARKER
 
 import cdvft_jax
@@ -223,39 +223,17 @@ def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_model, eight
         np.testing.assert_allclose(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(tmp_path: Path, flags: list[str], hook: tuple[str, ...] = ()) -> list[tuple[int, str, list]]:
+def _two_processes(flags: list[str], hook: tuple[str, ...] = ()) -> list[tuple[int, str, list]]:
     """Runs ``train.text`` as 2 processes x 4 CPU devices (tests/text_process.py); their status, log, writes.
 
     The coordinator comes from ``JAX_COORDINATOR_ADDRESS``, the process count and index from the flags.
     """
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}",
-    }
-    logs = [tmp_path / f"process-{i}.log" for i in range(2)]
-    processes = []
-    for i, log in enumerate(logs):
-        with log.open("w") as f:
-            command = [sys.executable, str(REPO / "tests" / "text_process.py"), *hook, *flags]
-            command += ["--num-processes", "2", "--process-id", str(i)]
-            processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=300) for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
+    script = str(REPO / "tests" / "text_process.py")
+    runs = run_two_cpu_processes(
+        lambda i: [sys.executable, script, *hook, *flags, "--num-processes", "2", "--process-id", str(i)], REPO, 300
+    )
     results = []
-    for code, log in zip(codes, logs, strict=True):
-        output = log.read_text()
+    for code, output in runs:
         marked = [line for line in output.splitlines() if line.startswith(WRITES_MARKER)]
         results.append((code, output, json.loads(marked[-1][len(WRITES_MARKER) :]) if marked else None))
     return results
@@ -288,13 +266,13 @@ def test_two_processes_match_one_process_through_an_interruption(tmp_path, tiny_
     out = tmp_path / "out"
     flags = ["--model", str(tiny_model), *SHARDED_ARGS, "--output-dir", str(out), "--mesh", "data=2,fsdp=4"]
     flags += ["--checkpoint-every", "2"]
-    interrupted = _two_processes(tmp_path, flags, hook=("--stop-at", "2"))
+    interrupted = _two_processes(flags, hook=("--stop-at", "2"))
     for code, log, _ in interrupted:
         assert code == 3, log[-3000:]  # text_process.py's status for an interrupted run
     steps = lambda: sorted(p.name for p in (out / "checkpoints" / "cdvft").iterdir() if p.name.isdigit())  # noqa: E731
     assert steps() == ["2"]
     assert [r["step"] for r in _records(out)] == [0]
-    resumed = _two_processes(tmp_path, [*flags, "--resume"])
+    resumed = _two_processes([*flags, "--resume"])
     for code, log, _ in resumed:
         assert code == 0, log[-3000:]
         assert "resumed from step 2" in log
