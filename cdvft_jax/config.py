@@ -26,6 +26,7 @@ __all__ = [
     "AdapterConfig",
     "ModulePatterns",
     "check_dropout",
+    "check_int",
     "check_positive_int",
     "config_from_dict",
     "config_from_json",
@@ -83,6 +84,12 @@ def check_positive_int(value: Any, field: str) -> None:
     """Raises ``ValueError`` unless ``value`` is an int (not a bool) greater than zero."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{field} must be a positive int, got {value!r}")
+
+
+def check_int(value: Any, field: str) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int (not a bool), e.g. a seed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field} must be an int, got {value!r}")
 
 
 def check_dropout(value: Any) -> None:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdvft_jax.config import AdapterConfig, ModulePatterns, check_positive_int
+from cdvft_jax.config import AdapterConfig, ModulePatterns, check_int, check_positive_int
 from cdvft_jax.method import AdapterMethod, LayerParams
 
 __all__ = ["FOURIERFT", "FOURIERFT_INIT_SCHEMES", "FourierFTConfig", "spectral_positions"]
@@ -61,8 +61,7 @@ class FourierFTConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         check_positive_int(self.n_frequency, "n_frequency")
-        if isinstance(self.random_loc_seed, bool) or not isinstance(self.random_loc_seed, int):
-            raise ValueError(f"random_loc_seed must be an int, got {self.random_loc_seed!r}")
+        check_int(self.random_loc_seed, "random_loc_seed")
         if self.init not in FOURIERFT_INIT_SCHEMES:
             raise ValueError(f"init must be one of {FOURIERFT_INIT_SCHEMES}, got {self.init!r}")
         super().__post_init__()

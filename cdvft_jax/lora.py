@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from cdvft_jax.config import AdapterConfig, ModulePatterns, check_dropout, check_positive_int
 from cdvft_jax.method import AdapterMethod, LayerParams
 
-__all__ = ["LORA", "LoRAConfig", "input_dropout"]
+__all__ = ["LORA", "LoRAConfig", "input_dropout", "uses_dropout"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -105,7 +105,8 @@ def _flops_per_token(d_in: int, d_out: int, config: LoRAConfig, layer: str = "<l
     return 2.0 * config.rank * (d_in + d_out)
 
 
-def _needs_rng(config: LoRAConfig) -> bool:
+def uses_dropout(config: AdapterConfig) -> bool:
+    """``needs_rng`` of the methods with input dropout: whether ``config.dropout`` is above zero."""
     return config.dropout > 0.0
 
 
@@ -117,6 +118,6 @@ LORA = AdapterMethod(
     delta=_delta,
     delta_weight=_delta_weight,
     flops_per_token=_flops_per_token,
-    needs_rng=_needs_rng,
+    needs_rng=uses_dropout,
 )
 """The LoRA :class:`~cdvft_jax.method.AdapterMethod`."""

@@ -22,8 +22,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from cdvft_jax.config import AdapterConfig, ModulePatterns, check_dropout, check_positive_int
-from cdvft_jax.lora import input_dropout
+from cdvft_jax.config import AdapterConfig, ModulePatterns, check_dropout, check_int, check_positive_int
+from cdvft_jax.lora import input_dropout, uses_dropout
 from cdvft_jax.method import AdapterMethod, LayerParams
 
 __all__ = ["VERA", "VeRAConfig", "vera_projections"]
@@ -60,8 +60,7 @@ class VeRAConfig(AdapterConfig):
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank")
         check_dropout(self.dropout)
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int):
-            raise ValueError(f"projection_seed must be an int, got {self.projection_seed!r}")
+        check_int(self.projection_seed, "projection_seed")
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, int | float):
             raise ValueError(f"d_initial must be a number, got {self.d_initial!r}")
         super().__post_init__()
@@ -123,10 +122,6 @@ def _flops_per_token(d_in: int, d_out: int, config: VeRAConfig, layer: str = "<l
     return 2.0 * r * (d_in + d_out) + r + d_out
 
 
-def _needs_rng(config: VeRAConfig) -> bool:
-    return config.dropout > 0.0
-
-
 VERA = AdapterMethod(
     name="vera",
     param_prefix="vera_",
@@ -136,6 +131,6 @@ VERA = AdapterMethod(
     delta_weight=_delta_weight,
     flops_per_token=_flops_per_token,
     frozen_leaves=frozenset({"vera_a", "vera_b"}),
-    needs_rng=_needs_rng,
+    needs_rng=uses_dropout,
 )
 """The VeRA :class:`~cdvft_jax.method.AdapterMethod`."""
