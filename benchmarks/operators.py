@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cdvft_jax
 from benchmarks.step_time import SEED, log, xla_flops
 
 LORA_RANK = 8
@@ -40,12 +41,6 @@ def dense_delta(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return (x @ a) @ b
-
-
-def cdv_delta(x: jax.Array, a_in: jax.Array, c: jax.Array, a_out: jax.Array) -> jax.Array:
-    from cdvft_jax import cdv_delta as delta
-
-    return delta(x, a_in, c, a_out)
 
 
 def operands(op: str, d: int, tokens: int, p: int | None = None) -> tuple[jax.Array, ...]:
@@ -66,7 +61,7 @@ def operands(op: str, d: int, tokens: int, p: int | None = None) -> tuple[jax.Ar
     raise ValueError(f"unknown operator {op!r}")
 
 
-FUNCTIONS: dict[str, Callable[..., jax.Array]] = {"dense": dense_delta, "lora": lora_delta, "cdv": cdv_delta}
+FUNCTIONS: dict[str, Callable[..., jax.Array]] = {"dense": dense_delta, "lora": lora_delta, "cdv": cdvft_jax.cdv_delta}
 
 
 def as_direction(fn: Callable[..., jax.Array], direction: str, args: tuple[jax.Array, ...]) -> tuple[Callable, tuple]:
