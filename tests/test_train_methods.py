@@ -7,7 +7,7 @@ import pytest
 
 import cdvft_jax
 from train import image, text
-from train.loop import BASELINE_LEARNING_RATES, TrainSettings, adapter_config
+from train.loop import DEFAULT_LEARNING_RATES, TrainSettings, adapter_config
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -35,7 +35,7 @@ def test_a_baseline_run_trains_saves_and_loads_like_cdvft(method, tmp_path, tiny
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == method
     assert results["trainable_params"] == adapter_count + 32 * 2 + 2
-    assert results["config"]["learning_rate"] == BASELINE_LEARNING_RATES[method]
+    assert results["config"]["learning_rate"] == DEFAULT_LEARNING_RATES[method]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3] and records[1]["train_loss"] > 0
 
@@ -72,8 +72,8 @@ def test_method_defaults_and_flags_reach_the_configs():
     assert adapter_config("fourierft", TrainSettings(n_frequency=10)).n_frequency == 10
     assert adapter_config("cdvft", TrainSettings(block_size=16)).block_size == 16
     # Each program's default rate is CDVFT's; the baselines get their papers' unless a flag says otherwise.
-    assert text.parse_args(["--method", "fourierft"]).learning_rate == BASELINE_LEARNING_RATES["fourierft"]
+    assert text.parse_args(["--method", "fourierft"]).learning_rate == DEFAULT_LEARNING_RATES["fourierft"]
     assert text.parse_args(["--method", "cdvft"]).learning_rate == text.PRESETS["tweets"].learning_rate
     assert text.parse_args(["--method", "lora", "--learning-rate", "1e-3"]).learning_rate == 1e-3
-    assert image.parse_args(["--model", "m", "--method", "vera"]).learning_rate == BASELINE_LEARNING_RATES["vera"]
+    assert image.parse_args(["--model", "m", "--method", "vera"]).learning_rate == DEFAULT_LEARNING_RATES["vera"]
     assert image.parse_args(["--model", "m"]).learning_rate == image.ImageConfig.learning_rate

@@ -299,17 +299,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no --eval-dir")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--learning-rate", type=float, help="adapter peak rate (default: 5e-3 for cdvft, the paper's for baselines)"
-    )
-    p.add_argument("--head-learning-rate", type=float, default=5e-3)
+    p.add_argument("--learning-rate", type=float, help="adapter (full: every weight) peak rate (default: the method's)")
+    p.add_argument("--head-learning-rate", type=float, default=TrainSettings.head_learning_rate)
     p.add_argument("--alpha", type=float, help="adapter scale (default: the method's)")
     p.add_argument("--max-train-samples", type=int)
     p.add_argument("--max-eval-samples", type=int)
     add_run_arguments(p, default_output=Path("outputs/image"))
     args = p.parse_args(argv)
     if args.learning_rate is None:
-        args.learning_rate = default_learning_rate(args.method, ImageConfig.learning_rate)
+        args.learning_rate = default_learning_rate(args.method)
     return ImageConfig(**vars(args))
 
 

