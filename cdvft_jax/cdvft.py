@@ -158,5 +158,6 @@ CDVFT = AdapterMethod(
     delta_weight=delta_weight,
     flops_per_token=flops_per_token,
     flops_per_step=flops_per_step,
+    learning_rate=5e-3,
 )
 """The CDVFT :class:`~cdvft_jax.method.AdapterMethod`."""

@@ -141,5 +141,6 @@ FOURIERFT = AdapterMethod(
     delta_weight=_delta_weight,
     flops_per_token=_flops_per_token,
     flops_per_step=_flops_per_step,
+    learning_rate=5e-2,  # the paper's RoBERTa-base GLUE rate
 )
 """The FourierFT :class:`~cdvft_jax.method.AdapterMethod`."""

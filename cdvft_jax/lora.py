@@ -119,5 +119,6 @@ LORA = AdapterMethod(
     delta_weight=_delta_weight,
     flops_per_token=_flops_per_token,
     needs_rng=uses_dropout,
+    learning_rate=5e-4,  # the paper's RoBERTa-base GLUE rate
 )
 """The LoRA :class:`~cdvft_jax.method.AdapterMethod`."""

@@ -58,6 +58,9 @@ class AdapterMethod(NamedTuple):
       flops_per_step: ``(d_in, d_out, config, layer) -> float``, analytic
         flops of the weight-only work done once per forward pass whatever
         the number of tokens (CDVFT's spectra of ``c``, FourierFT's 2-D inverse FFT).
+      learning_rate: the peak AdamW rate of the adapter leaves that
+        :func:`~cdvft_jax.adapter_optimizer` and the programs use when none is
+        given (see ``benchmarks/NOTES.md`` for how each was chosen).
     """
 
     name: str
@@ -70,6 +73,7 @@ class AdapterMethod(NamedTuple):
     frozen_leaves: frozenset[str] = frozenset()
     needs_rng: Callable[[Any], bool] = never_random
     flops_per_step: Callable[[int, int, Any, str], float] = no_flops_per_step
+    learning_rate: float = 1e-3
 
     def num_params(self, d_in: int, d_out: int, config: Any, layer: str = "<layer>") -> int:
         """Trainable parameters the method adds to one ``(d_in, d_out)`` layer (frozen leaves excluded)."""

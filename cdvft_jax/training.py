@@ -56,7 +56,7 @@ def _adamw(learning_rate: ScalarOrSchedule, weight_decay: float, b1: float, b2: 
 
 def _trainable_transform(
     adapted: AdaptedModel,
-    adapter_learning_rate: ScalarOrSchedule,
+    adapter_learning_rate: ScalarOrSchedule | None,
     head_learning_rate: ScalarOrSchedule | None,
     weight_decay: float,
     max_grad_norm: float | None,
@@ -64,6 +64,8 @@ def _trainable_transform(
     b2: float,
     eps: float,
 ) -> optax.GradientTransformation:
+    if adapter_learning_rate is None:
+        adapter_learning_rate = adapted.method.learning_rate
     head_lr = adapter_learning_rate if head_learning_rate is None else head_learning_rate
     groups = optax.partition(
         {
@@ -80,7 +82,7 @@ def _trainable_transform(
 def adapter_optimizer(
     adapted: AdaptedModel,
     *,
-    adapter_learning_rate: ScalarOrSchedule,
+    adapter_learning_rate: ScalarOrSchedule | None = None,
     head_learning_rate: ScalarOrSchedule | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
@@ -96,7 +98,8 @@ def adapter_optimizer(
 
     Args:
       adapted: the adapted model (tells adapter leaves from head leaves).
-      adapter_learning_rate: rate or schedule of the adapter leaves.
+      adapter_learning_rate: rate or schedule of the adapter leaves; ``None`` is the
+        method's :attr:`~cdvft_jax.AdapterMethod.learning_rate` (constant).
       head_learning_rate: rate or schedule of ``modules_to_save``; defaults to
         ``adapter_learning_rate``.
       weight_decay: AdamW decoupled weight decay, for both groups.
@@ -119,7 +122,7 @@ def adapter_optimizer(
 def single_tree_optimizer(
     adapted: AdaptedModel,
     *,
-    adapter_learning_rate: ScalarOrSchedule,
+    adapter_learning_rate: ScalarOrSchedule | None = None,
     head_learning_rate: ScalarOrSchedule | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,

@@ -132,5 +132,6 @@ VERA = AdapterMethod(
     flops_per_token=_flops_per_token,
     frozen_leaves=frozenset({"vera_a", "vera_b"}),
     needs_rng=uses_dropout,
+    learning_rate=1e-2,  # the paper's RoBERTa-base GLUE rate
 )
 """The VeRA :class:`~cdvft_jax.method.AdapterMethod`."""

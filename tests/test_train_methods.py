@@ -71,9 +71,11 @@ def test_method_defaults_and_flags_reach_the_configs():
     assert (config.rank, config.alpha) == (64, 2.0)
     assert adapter_config("fourierft", TrainSettings(n_frequency=10)).n_frequency == 10
     assert adapter_config("cdvft", TrainSettings(block_size=16)).block_size == 16
-    # Each program's default rate is CDVFT's; the baselines get their papers' unless a flag says otherwise.
-    assert text.parse_args(["--method", "fourierft"]).learning_rate == DEFAULT_LEARNING_RATES["fourierft"]
-    assert text.parse_args(["--method", "cdvft"]).learning_rate == text.PRESETS["tweets"].learning_rate
+    # Each method gets its own default rate (the adapter method's, full fine-tuning's) unless a flag sets one.
+    for method in ("cdvft", "fourierft", "full"):
+        assert text.parse_args(["--method", method]).learning_rate == DEFAULT_LEARNING_RATES[method]
+    assert DEFAULT_LEARNING_RATES["cdvft"] == cdvft_jax.CDVFT.learning_rate
     assert text.parse_args(["--method", "lora", "--learning-rate", "1e-3"]).learning_rate == 1e-3
+    assert text.parse_args(["--method", "full", "--learning-rate", "1e-4"]).learning_rate == 1e-4
     assert image.parse_args(["--model", "m", "--method", "vera"]).learning_rate == DEFAULT_LEARNING_RATES["vera"]
-    assert image.parse_args(["--model", "m"]).learning_rate == image.ImageConfig.learning_rate
+    assert image.parse_args(["--model", "m"]).learning_rate == DEFAULT_LEARNING_RATES["cdvft"]

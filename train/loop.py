@@ -33,10 +33,13 @@ from cdvft_jax.config import matches_within
 
 ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
 METHODS = (*ADAPTER_METHODS, "head", "full")
-# Peak learning rate of the adapter leaves (of every weight for ``full``) when no flag sets one; ``head``
-# trains at the head rate.  The baselines' come from their papers' RoBERTa-base GLUE runs; see
-# benchmarks/NOTES.md for how CDVFT's was chosen.
-DEFAULT_LEARNING_RATES = {"cdvft": 5e-3, "lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2, "full": 2e-5}
+FULL_LEARNING_RATE = 2e-5
+# Peak learning rate of the adapter leaves (of every weight for ``full``) when no flag sets one: each
+# adapter method's own (``AdapterMethod.learning_rate``); ``head`` trains at the head rate.
+DEFAULT_LEARNING_RATES = {
+    **{m.name: m.learning_rate for m in (cdvft_jax.CDVFT, cdvft_jax.LORA, cdvft_jax.VERA, cdvft_jax.FOURIERFT)},
+    "full": FULL_LEARNING_RATE,
+}
 
 
 def default_learning_rate(method: str) -> float:
