@@ -190,3 +190,12 @@ def run_two_cpu_processes(command_of: Callable[[int], list[str]], cwd: Path, tim
                 if p.poll() is None:
                     p.kill()
         return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is a hidden failure: the run fails when any test was skipped."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"FAILED: {len(skipped)} test(s) skipped; every test must run", red=True)
+        session.exitstatus = 1
