@@ -28,6 +28,11 @@ Parts
     against the paper's ~52x.
 ``operator``
     :mod:`benchmarks.operators`: CDV delta vs dense ``x @ dW`` vs LoRA r=8.
+``accuracy`` (only when named in ``--parts``: the full grid takes hours)
+    :mod:`benchmarks.accuracy`: methods x tasks x seeds on the real MiniLM; its records go to
+    ``<json>.accuracy.json`` (resumable, with ``.md`` and ``.png`` beside it) and into this JSON.
+    ``--quick`` runs one seed; ``--tiny`` two steps of two methods on 80 SST-2 examples with
+    ``--accuracy-model`` (a tiny model folder).
 
 Modes
 -----
@@ -52,10 +57,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import flops, operators, params, step_time
+from benchmarks import accuracy, flops, operators, params, step_time
 from benchmarks.step_time import MODELS, add_step_arguments, log, parse_methods, positive_int
 
-PARTS = ("train_step", "params", "flops", "operator")
+PARTS = ("train_step", "params", "flops", "operator", "accuracy")
+DEFAULT_PARTS = PARTS[:4]
+# The accuracy suite's arguments by mode (the JSON path and model are added by accuracy_part).
+ACCURACY_ARGS = {
+    "full": [],
+    "quick": ["--seeds", "0", "--methods", "cdvft,lora,head,full"],
+    "tiny": "--tasks sst2 --methods cdvft,head --seeds 0 --steps 2 --batch-size 8 --max-train-samples 80".split(),
+}
 MODES: dict[str, dict[str, Any]] = {
     "full": {
         "repeats": 5,
@@ -112,7 +124,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     mode.add_argument("--tiny", "--small", dest="tiny", action="store_true", help="tiny models, a smoke test")
-    parser.add_argument("--parts", type=parse_list(PARTS), default=list(PARTS), help="comma-separated parts")
+    parser.add_argument(
+        "--parts", type=parse_list(PARTS), default=list(DEFAULT_PARTS), help="comma-separated parts (accuracy: opt-in)"
+    )
+    parser.add_argument("--accuracy-model", help="the accuracy part's model folder (default: the real MiniLM)")
     parser.add_argument("--models", type=parse_list(MODELS), default=list(MODELS), help="comma-separated models")
     parser.add_argument("--methods", type=parse_methods, default=list(step_time.METHODS), help="comma-separated")
     parser.add_argument("--repeats", type=positive_int, help="interleaved train-step rounds (default: by mode)")
@@ -146,7 +161,7 @@ def train_step_part(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     settings = MODES[args.mode]
-    out: dict[str, Any] = {"machine": {}, "train_step": [], "params": [], "flops": [], "operator": []}
+    out: dict[str, Any] = {"machine": {}, "train_step": [], "params": [], "flops": [], "operator": [], "accuracy": []}
     seconds: dict[str, float] = {}
     tables: list[str] = []
     start = time.perf_counter()
@@ -185,6 +200,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         tables.append(operators.markdown(out["operator"]))
         seconds["operator"] = time.perf_counter() - t0
+
+    if "accuracy" in args.parts:
+        log("== accuracy")
+        t0 = time.perf_counter()
+        records_path = args.json.with_suffix(".accuracy.json")
+        argv = ["--json", str(records_path), *ACCURACY_ARGS[args.mode]]
+        if args.accuracy_model:
+            argv += ["--model", args.accuracy_model]
+        out["accuracy"] = accuracy.main(argv)["runs"]
+        tables.append(records_path.with_suffix(".md").read_text())
+        seconds["accuracy"] = time.perf_counter() - t0
 
     seconds["total"] = time.perf_counter() - start
     out["machine"] = {

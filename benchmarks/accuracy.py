@@ -72,11 +72,11 @@ class TaskBudget:
 
 
 TASKS: dict[str, TaskBudget] = {
-    "sst2": TaskBudget("sst2", "SST-2", steps=400, max_length=64),
-    "cola": TaskBudget("cola", "CoLA", steps=400, max_length=64),
-    "stsb": TaskBudget("stsb", "STS-B", steps=400, max_length=128),
-    "qnli": TaskBudget("qnli", "QNLI", steps=400, max_length=128),
-    "tweets": TaskBudget("tweets", None, steps=400, max_length=64, max_eval_samples=1000),
+    "sst2": TaskBudget("sst2", "SST-2", steps=300, max_length=64),
+    "cola": TaskBudget("cola", "CoLA", steps=300, max_length=64),
+    "stsb": TaskBudget("stsb", "STS-B", steps=300, max_length=128),
+    "qnli": TaskBudget("qnli", "QNLI", steps=300, max_length=128),
+    "tweets": TaskBudget("tweets", None, steps=300, max_length=64, max_eval_samples=1000),
 }
 SUITE_METHODS = ("cdvft", "lora", "vera", "fourierft", "head", "full")
 BATCH_SIZE = 32

@@ -44,7 +44,8 @@ def results(tmp_path_factory):
 
 def test_json_interface(results):
     for out in results:
-        assert list(out) == ["machine", "train_step", "params", "flops", "operator"]
+        assert list(out) == ["machine", "train_step", "params", "flops", "operator", "accuracy"]
+        assert out["accuracy"] == []  # opt-in: hours at full size
         assert out["machine"]["mode"] == "tiny" and out["machine"]["cores"] >= 1
     step, rest = results
     check_rows(step["train_step"], TRAIN_STEP_KEYS)
@@ -99,3 +100,13 @@ def test_dense_operator_flops_are_two_t_d_d(results):
         assert row["xla_flops"] == 2 * row["tokens"] * row["d"] * row["d"]
     cdv = [r for r in results[1]["operator"] if r["op"].startswith("cdv")]
     assert cdv and all(r["ratio_to_dense"] > 0 and r["ratio_to_lora"] > 0 for r in cdv)
+
+
+def test_accuracy_part_runs_the_accuracy_suite(tmp_path, tiny_model):
+    out = suite.main(
+        ["--json", str(tmp_path / "acc.json"), "--tiny", "--parts", "accuracy", "--accuracy-model", str(tiny_model)]
+    )
+    records = json.loads((tmp_path / "acc.accuracy.json").read_text())["runs"]
+    assert out["accuracy"] == records
+    assert sorted(r["method"] for r in records) == ["cdvft", "head"]
+    assert all(r["task"] == "sst2" and r["steps"] == 2 and 0 <= r["metrics"]["accuracy"] <= 1 for r in records)
