@@ -308,6 +308,7 @@ def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
     for task in args.tasks:
         for method in args.methods:
             lr, head_lr = default_rates(method)
+            head_lr = args.head_learning_rate or head_lr
             yield RunSpec(
                 task,
                 method,
@@ -321,23 +322,33 @@ def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
             )
 
 
-def run_grid(args: argparse.Namespace, suite: Suite) -> dict[str, Any]:
-    """Runs the grid of ``args`` into ``suite``; returns ``{(task, method): chosen spec}`` for the report."""
+class Choice(NamedTuple):
+    """What the grid settled on for one (task, method): the reported spec (seed aside) and the sweep's trials."""
+
+    spec: RunSpec
+    trials: list[RunSpec]
+
+
+def run_grid(args: argparse.Namespace, suite: Suite) -> dict[tuple[str, str], Choice]:
+    """Runs the grid of ``args`` into ``suite``; returns each (task, method)'s :class:`Choice` for the report."""
     bases = list(base_specs(args))
     trials = len(args.lr_factors) if args.sweep else 0
-    grid = Grid(suite, args, planned=len(bases) * (trials + len(args.seeds)))
+    reports = 0 if args.trials_only else len(args.seeds)
+    grid = Grid(suite, args, planned=len(bases) * (trials + reports))
     chosen = {}
     for base in bases:
-        spec = base
+        spec, candidates = base, []
         if args.sweep:
             candidates = [scaled(base, f)._replace(split="validation") for f in args.lr_factors]
             scores = [score(grid.run(c)) for c in candidates]
             # The best validation score; a tie goes to the rate closest to the default.
             best = max(range(len(candidates)), key=lambda i: (scores[i], -abs(math.log(args.lr_factors[i]))))
             spec = candidates[best]._replace(split="dev")
+        if args.trials_only:
+            continue
         for seed in args.seeds:
             grid.run(spec._replace(seed=seed))
-        chosen[(base.task, base.method)] = spec
+        chosen[base.task, base.method] = Choice(spec, candidates)
     grid.bar.close()
     return chosen
 
@@ -357,7 +368,7 @@ def cell(values: Sequence[float]) -> str:
 def dev_scores(runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], list[float]]:
     """The dev scores of each (task, method) at its chosen rates, one per seed."""
     out = {}
-    for (task, method), spec in chosen.items():
+    for (task, method), (spec, _) in chosen.items():
         keys = {spec._replace(seed=r["seed"]).key for r in runs}
         out[task, method] = [score(r) for r in runs if r["key"] in keys and r["split"] == "dev"]
     return out
@@ -384,8 +395,10 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
         lines += ["", "Chosen rates (on the validation split carved out of each training file):", ""]
         lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         for method in methods:
-            rates = [f"{chosen[t, method].swept_rate:.2g}" if (t, method) in chosen else "-" for t in tasks]
+            rates = [f"{chosen[t, method].spec.swept_rate:.2g}" if (t, method) in chosen else "-" for t in tasks]
             lines.append(f"| {method} | " + " | ".join(rates) + " |")
+        lines += ["", "Validation trials (seed of the first run, main metric x 100):", ""]
+        lines += trials_table(runs, {k: c.trials for k, c in chosen.items()})
     goals = goal_rows(scores, tasks)
     if goals:
         lines += ["", "Issue 10's goals (points, means over seeds):", ""]
@@ -393,6 +406,16 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
         lines.append("|---|---:|---:|---:|")
         lines += goals
     return "\n".join(lines)
+
+
+def trials_table(runs: Sequence[dict], trials: dict[tuple[str, str], list[RunSpec]]) -> list[str]:
+    """One row per (task, method) of the sweep: its validation score at every rate tried."""
+    by_key = {r["key"]: r for r in runs}
+    lines = ["| task | method | validation score at each rate |", "|---|---|---|"]
+    for (task, method), specs in trials.items():
+        cells = ", ".join(f"{t.swept_rate:.2g}: {100 * score(by_key[t.key]):.1f}" for t in specs if t.key in by_key)
+        lines.append(f"| {task} | {method} | {cells} |")
+    return lines
 
 
 def goal_rows(scores: dict, tasks: Sequence[str]) -> list[str]:
@@ -502,7 +525,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[0.25, 1.0, 4.0],
         help="--sweep: trials at the default rate times each factor",
     )
+    p.add_argument(
+        "--trials-only", action="store_true", help="--sweep: only the validation trials (a recipe study; no dev runs)"
+    )
     p.add_argument("--steps", type=_positive_int, help="every task's step budget (default: the task's)")
+    p.add_argument("--head-learning-rate", type=float, help="every method's head rate (default: the programs')")
     p.add_argument("--alpha", type=float, help="every adapter's alpha (default: each method's)")
     p.add_argument(
         "--override",
@@ -517,6 +544,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-samples", type=_positive_int, help="a fixed random training subset (tests)")
     args = p.parse_args(argv)
     args.override = dict(args.override)
+    if args.trials_only and not args.sweep:
+        p.error("--trials-only needs --sweep")
     args.model = args.model or text.default_model_path()
     return args
 
