@@ -62,7 +62,7 @@ from benchmarks.step_time import MODELS, add_step_arguments, log, parse_methods,
 
 PARTS = ("train_step", "params", "flops", "operator", "accuracy")
 DEFAULT_PARTS = PARTS[:4]
-# The accuracy suite's arguments by mode (the JSON path and model are added by accuracy_part).
+# The accuracy suite's arguments by mode (main adds the JSON path and the model).
 ACCURACY_ARGS = {
     "full": [],
     "quick": ["--seeds", "0", "--methods", "cdvft,lora,head,full"],
@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, metavar="PATH", required=True, help="write the results here")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores (the accuracy part: hours)")
     mode.add_argument("--tiny", "--small", dest="tiny", action="store_true", help="tiny models, a smoke test")
     parser.add_argument(
         "--parts", type=parse_list(PARTS), default=list(DEFAULT_PARTS), help="comma-separated parts (accuracy: opt-in)"
@@ -205,10 +205,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log("== accuracy")
         t0 = time.perf_counter()
         records_path = args.json.with_suffix(".accuracy.json")
-        argv = ["--json", str(records_path), *ACCURACY_ARGS[args.mode]]
+        accuracy_argv = ["--json", str(records_path), *ACCURACY_ARGS[args.mode]]
         if args.accuracy_model:
-            argv += ["--model", args.accuracy_model]
-        out["accuracy"] = accuracy.main(argv)["runs"]
+            accuracy_argv += ["--model", args.accuracy_model]
+        out["accuracy"] = accuracy.main(accuracy_argv)["runs"]
         tables.append(records_path.with_suffix(".md").read_text())
         seconds["accuracy"] = time.perf_counter() - t0
 

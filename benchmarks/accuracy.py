@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from benchmarks.step_time import host_info, log
 from train import text
 from train.data import Example, TaskSpec
-from train.loop import DEFAULT_LEARNING_RATES, METHODS, Evaluation, TrainSettings, train_and_evaluate
+from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, train_and_evaluate
 from train.metrics import compute_metrics
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -94,21 +95,33 @@ class TaskData(NamedTuple):
     pad_id: int
 
 
-def carve_validation(examples: Sequence[Example], seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """``(rest, validation)``: a fixed random 10% of the training examples (at most 1,000, at least one).
+def carve_validation(examples: Sequence[Example], seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(rest, validation)`` indices: a fixed random 10% of the training examples (at most 1,000, at least one).
 
-    >>> rest, validation = carve_validation([Example(str(i), None, i % 2) for i in range(50)])
-    >>> len(rest), len(validation), set(rest).isdisjoint(validation)
-    (45, 5, True)
+    Repeated texts (SST-2's training file holds many) go to one side together, so no validation text is
+    also trained on.
+
+    >>> rest, validation = carve_validation([Example(str(i % 40), None, i % 2) for i in range(50)])
+    >>> len(validation), len(rest) + len(validation), set(rest).isdisjoint(validation)
+    (4, 50, True)
     """
-    if len(examples) < 2:
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault((example.text_a, example.text_b), []).append(index)
+    if len(groups) < 2:
         raise ValueError(f"cannot carve a validation split out of {len(examples)} training example(s)")
-    size = min(VALIDATION_MAX, max(1, round(len(examples) * VALIDATION_FRACTION)))
-    held = np.zeros(len(examples), bool)
-    held[np.random.default_rng(seed).permutation(len(examples))[:size]] = True
-    return [e for e, h in zip(examples, held, strict=True) if not h], [
-        e for e, h in zip(examples, held, strict=True) if h
-    ]
+    texts = list(groups.values())
+    size = min(VALIDATION_MAX, max(1, round(len(texts) * VALIDATION_FRACTION)))
+    held = set(np.random.default_rng(seed).permutation(len(texts))[:size].tolist())
+    rest = sorted(i for g, members in enumerate(texts) if g not in held for i in members)
+    validation = sorted(i for g, members in enumerate(texts) if g in held for i in members)
+    return rest, validation
+
+
+def select(data: text.Encoded, rows: Sequence[int]) -> text.Encoded:
+    """The examples ``rows`` of tokenized ``data``."""
+    types = None if data.token_type_ids is None else [data.token_type_ids[i] for i in rows]
+    return text.Encoded([data.input_ids[i] for i in rows], types, data.labels[np.asarray(rows, int)])
 
 
 def load_task(budget: TaskBudget, glue_dir: Path, tokenizer: Any, max_train_samples: int | None) -> TaskData:
@@ -119,14 +132,12 @@ def load_task(budget: TaskBudget, glue_dir: Path, tokenizer: Any, max_train_samp
         max_train_samples=max_train_samples,
         max_eval_samples=budget.max_eval_samples,
     )
-    train, dev, spec = text.load_data(config)
-    fit, validation = carve_validation(train)
+    train_examples, dev_examples, spec = text.load_data(config)
     regression = spec.num_labels == 1
-
-    def encode(examples: Sequence[Example]) -> text.Encoded:
-        return text.encode(tokenizer, examples, budget.max_length, regression)
-
-    return TaskData(spec, encode(train), encode(fit), encode(validation), encode(dev), tokenizer.pad_token_id)
+    train = text.encode(tokenizer, train_examples, budget.max_length, regression)
+    rest, validation = carve_validation(train_examples)
+    dev = text.encode(tokenizer, dev_examples, budget.max_length, regression)
+    return TaskData(spec, train, select(train, rest), select(train, validation), dev, tokenizer.pad_token_id)
 
 
 class RunSpec(NamedTuple):
@@ -231,7 +242,7 @@ def run_one(spec: RunSpec, data: TaskData, budget: TaskBudget, model_path: str, 
 
 def default_rates(method: str) -> tuple[float, float]:
     """``(learning_rate, head_learning_rate)`` of ``method`` in the programs when no flag sets them."""
-    return DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["cdvft"]), TrainSettings.head_learning_rate
+    return default_learning_rate(method), TrainSettings.head_learning_rate
 
 
 def scaled(spec: RunSpec, factor: float) -> RunSpec:
@@ -241,15 +252,41 @@ def scaled(spec: RunSpec, factor: float) -> RunSpec:
     return spec._replace(learning_rate=spec.learning_rate * factor)
 
 
-class Suite:
-    """The grid's records, kept in one JSON file that is rewritten after every run."""
+def model_fingerprint(folder: str) -> str:
+    """SHA-256 of a model folder's ``config.json`` and of its files' names and sizes."""
+    root = Path(folder)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    digest.update(json.dumps(sorted((f.name, f.stat().st_size) for f in root.iterdir() if f.is_file())).encode())
+    return digest.hexdigest()
 
-    def __init__(self, path: Path, command: str) -> None:
+
+def setup_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What every run of a JSON shares beyond its key: the model, the batch, the data and the task budgets."""
+    return {
+        "model": model_fingerprint(args.model),
+        "batch_size": args.batch_size,
+        "max_train_samples": args.max_train_samples,
+        "tasks": {name: dataclasses.asdict(budget) for name, budget in TASKS.items()},
+    }
+
+
+class Suite:
+    """The grid's records, kept in one JSON file that is rewritten after every run.
+
+    The file also holds the :func:`setup_of` its runs share; resuming it with another setup (another
+    model, batch size, training subset or task budget) is an error rather than a mix of two grids.
+    """
+
+    def __init__(self, path: Path, command: str, setup: dict[str, Any]) -> None:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        recorded = self.data.setdefault("setup", setup)
+        if recorded != setup:
+            differ = sorted(k for k in setup.keys() | recorded.keys() if setup.get(k) != recorded.get(k))
+            raise SystemExit(f"{path} holds runs of another setup (differs in {', '.join(differ)}); use another --json")
         self.data.setdefault("runs", [])
-        self.data["machine"] = host_info()
-        self.data.setdefault("commands", []).append(command)
+        self.data.setdefault("invocations", []).append({"command": command, **host_info()})
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -292,13 +329,15 @@ class Grid:
             self.tasks[task] = load_task(TASKS[task], self.args.glue_dir, self._tokenizer, self.args.max_train_samples)
         return self.tasks[task]
 
-    def run(self, spec: RunSpec) -> dict[str, Any]:
+    def run(self, spec: RunSpec) -> dict[str, Any] | None:
+        """The record of ``spec``, trained now unless recorded (``None``: not recorded, ``--report-only``)."""
         record = self.suite.find(spec)
-        if record is None:
-            budget = dataclasses.replace(TASKS[spec.task], steps=spec.steps)
-            record = run_one(spec, self.data(spec.task), budget, self.args.model, self.args.batch_size)
+        if record is None and not self.args.report_only:
+            record = run_one(spec, self.data(spec.task), TASKS[spec.task], self.args.model, self.args.batch_size)
             self.suite.add(record)
             self.bar.set_postfix_str(f"last: {spec.method} {spec.task} {score(record):.4f}")
+        else:
+            self.bar.initial += 1  # recorded before: counted as done, but not in the rate behind the ETA
         self.bar.update(1)
         return record
 
@@ -308,7 +347,7 @@ def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
     for task in args.tasks:
         for method in args.methods:
             lr, head_lr = default_rates(method)
-            head_lr = args.head_learning_rate or head_lr
+            head_lr = head_lr if args.head_learning_rate is None else args.head_learning_rate
             yield RunSpec(
                 task,
                 method,
@@ -327,6 +366,11 @@ class Choice(NamedTuple):
 
     spec: RunSpec
     trials: list[RunSpec]
+    seeds: tuple[int, ...]
+
+    def reported_keys(self) -> list[str]:
+        """The keys of the dev runs reported for this (task, method), one per seed."""
+        return [self.spec._replace(seed=seed).key for seed in self.seeds]
 
 
 def run_grid(args: argparse.Namespace, suite: Suite) -> dict[tuple[str, str], Choice]:
@@ -340,15 +384,15 @@ def run_grid(args: argparse.Namespace, suite: Suite) -> dict[tuple[str, str], Ch
         spec, candidates = base, []
         if args.sweep:
             candidates = [scaled(base, f)._replace(split="validation") for f in args.lr_factors]
-            scores = [score(grid.run(c)) for c in candidates]
-            # The best validation score; a tie goes to the rate closest to the default.
+            records = [grid.run(c) for c in candidates]
+            scores = [-math.inf if r is None else score(r) for r in records]
+            # The best validation score; a tie goes to the rate closest to the default in log scale, and
+            # between two equally close (e.g. factors 0.5 and 2) to the one listed first.
             best = max(range(len(candidates)), key=lambda i: (scores[i], -abs(math.log(args.lr_factors[i]))))
             spec = candidates[best]._replace(split="dev")
-        if args.trials_only:
-            continue
-        for seed in args.seeds:
+        chosen[base.task, base.method] = Choice(spec, candidates, () if args.trials_only else tuple(args.seeds))
+        for seed in chosen[base.task, base.method].seeds:
             grid.run(spec._replace(seed=seed))
-        chosen[base.task, base.method] = Choice(spec, candidates)
     grid.bar.close()
     return chosen
 
@@ -365,19 +409,26 @@ def cell(values: Sequence[float]) -> str:
     return f"{mean:.1f} +- {std:.1f}" + ("" if len(values) == 3 else f" (n={len(values)})")
 
 
-def dev_scores(runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], list[float]]:
-    """The dev scores of each (task, method) at its chosen rates, one per seed."""
-    out = {}
-    for (task, method), (spec, _) in chosen.items():
-        keys = {spec._replace(seed=r["seed"]).key for r in runs}
-        out[task, method] = [score(r) for r in runs if r["key"] in keys and r["split"] == "dev"]
-    return out
+def reported(runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], list[dict]]:
+    """The dev records of each (task, method) at its chosen rates, one per seed of this invocation."""
+    by_key = {r["key"]: r for r in runs}
+    return {k: [by_key[key] for key in c.reported_keys() if key in by_key] for k, c in chosen.items()}
+
+
+def dev_scores(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[float]]:
+    """The main dev metric of each (task, method), one per seed."""
+    return {k: [score(r) for r in rs] for k, rs in records.items()}
+
+
+def trainable_params(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], int]:
+    """The trainable parameter count of each (task, method) that has a reported run."""
+    return {k: rs[0]["trainable_params"] for k, rs in records.items() if rs}
 
 
 def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], sweep: bool) -> str:
     """The methods x tasks table (mean +- std over seeds), the goals of issue 10, and the sweep's trials."""
-    scores = dev_scores(runs, chosen)
-    params = {(r["task"], r["method"]): r["trainable_params"] for r in runs}
+    records = reported(runs, chosen)
+    scores, params = dev_scores(records), trainable_params(records)
     metric = {r["task"]: r["main_metric"] for r in runs}
     header = [f"{t} ({metric.get(t, '?')})" for t in tasks]
     lines = [
@@ -395,7 +446,7 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
         lines += ["", "Chosen rates (on the validation split carved out of each training file):", ""]
         lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         for method in methods:
-            rates = [f"{chosen[t, method].spec.swept_rate:.2g}" if (t, method) in chosen else "-" for t in tasks]
+            rates = [f"{chosen[t, method].spec.swept_rate:.3g}" if (t, method) in chosen else "-" for t in tasks]
             lines.append(f"| {method} | " + " | ".join(rates) + " |")
         lines += ["", "Validation trials (seed of the first run, main metric x 100):", ""]
         lines += trials_table(runs, {k: c.trials for k, c in chosen.items()})
@@ -413,7 +464,7 @@ def trials_table(runs: Sequence[dict], trials: dict[tuple[str, str], list[RunSpe
     by_key = {r["key"]: r for r in runs}
     lines = ["| task | method | validation score at each rate |", "|---|---|---|"]
     for (task, method), specs in trials.items():
-        cells = ", ".join(f"{t.swept_rate:.2g}: {100 * score(by_key[t.key]):.1f}" for t in specs if t.key in by_key)
+        cells = ", ".join(f"{t.swept_rate:.3g}: {100 * score(by_key[t.key]):.1f}" for t in specs if t.key in by_key)
         lines.append(f"| {task} | {method} | {cells} |")
     return lines
 
@@ -443,8 +494,8 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = dev_scores(runs, chosen)
-    params = {(r["task"], r["method"]): r["trainable_params"] for r in runs}
+    records = reported(runs, chosen)
+    scores, params = dev_scores(records), trainable_params(records)
     metric = {r["task"]: r["main_metric"] for r in runs}
     figure, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
     for axis, task in zip(axes[0], tasks, strict=True):
@@ -476,39 +527,62 @@ def _names(choices: Sequence[str]):
     return parse
 
 
-def _numbers(kind: type, positive: bool):
+def _numbers(kind: type, minimum: float, strict: bool):
+    """A comma-separated list of distinct finite ``kind`` values above (``strict``) or at least ``minimum``."""
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+
     def parse(value: str) -> list:
         try:
             items = [kind(v) for v in value.split(",") if v.strip()]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {value!r}") from e
-        if not items or (positive and any(not (x > 0 and math.isfinite(x)) for x in items)):
-            raise argparse.ArgumentTypeError(f"expected positive {kind.__name__}s, got {value!r}")
+        valid = all(math.isfinite(x) and (x > minimum if strict else x >= minimum) for x in items)
+        if not items or not valid or len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"expected distinct {kind.__name__}s {bound}, got {value!r}")
         return items
 
     return parse
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _one_number(kind: type, minimum: float, strict: bool):
+    parse_list = _numbers(kind, minimum, strict)
+
+    def parse(value: str):
+        items = parse_list(value)
+        if len(items) != 1:
+            raise argparse.ArgumentTypeError(f"expected one number, got {value!r}")
+        return items[0]
+
+    return parse
 
 
-SETTING_FIELDS = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
+# TrainSettings fields that --override may set: the run's own fields, the rates and the method sizes (which
+# apply to one method each) are set by the suite or refused.
+OVERRIDABLE = {
+    f.name: f.default
+    for f in dataclasses.fields(TrainSettings)
+    if f.name
+    not in {"method", "seed", "learning_rate", "head_learning_rate", "epochs", "max_steps", "alpha"}
+    | {"block_size", "rank", "n_frequency"}
+}
 
 
 def _override(value: str) -> tuple[str, Any]:
     name, sep, raw = value.partition("=")
-    if not sep or name not in SETTING_FIELDS or name in ("method", "seed", "learning_rate", "head_learning_rate"):
-        allowed = sorted(set(SETTING_FIELDS) - {"method", "seed", "learning_rate", "head_learning_rate"})
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {allowed}, got {value!r}")
+    if not sep or name not in OVERRIDABLE:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {sorted(OVERRIDABLE)}, got {value!r}")
     try:
         parsed = json.loads(raw)
-    except json.JSONDecodeError:
-        parsed = raw
-    return name, tuple(parsed) if isinstance(parsed, list) else parsed
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'{name}: {raw!r} is not JSON (a list is written ["a", "b"])') from e
+    default = OVERRIDABLE[name]
+    if isinstance(default, tuple):
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise argparse.ArgumentTypeError(f"{name} takes a JSON list of strings, got {raw!r}")
+        return name, tuple(parsed)
+    if isinstance(parsed, bool) or not isinstance(parsed, int | float) or not math.isfinite(parsed):
+        raise argparse.ArgumentTypeError(f"{name} takes a finite number, got {raw!r}")
+    return name, float(parsed)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -517,20 +591,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, required=True, help="the records; re-runs skip what it holds")
     p.add_argument("--tasks", type=_names(list(TASKS)), default=list(TASKS), help="comma-separated")
     p.add_argument("--methods", type=_names(METHODS), default=list(SUITE_METHODS), help="comma-separated")
-    p.add_argument("--seeds", type=_numbers(int, positive=False), default=[0, 1, 2], help="comma-separated")
+    p.add_argument("--seeds", type=_numbers(int, 0, strict=False), default=[0, 1, 2], help="comma-separated")
     p.add_argument("--sweep", action="store_true", help="choose each method's rate on a validation split first")
     p.add_argument(
         "--lr-factors",
-        type=_numbers(float, positive=True),
+        type=_numbers(float, 0, strict=True),
         default=[0.25, 1.0, 4.0],
         help="--sweep: trials at the default rate times each factor",
     )
     p.add_argument(
         "--trials-only", action="store_true", help="--sweep: only the validation trials (a recipe study; no dev runs)"
     )
-    p.add_argument("--steps", type=_positive_int, help="every task's step budget (default: the task's)")
-    p.add_argument("--head-learning-rate", type=float, help="every method's head rate (default: the programs')")
-    p.add_argument("--alpha", type=float, help="every adapter's alpha (default: each method's)")
+    p.add_argument(
+        "--steps", type=_one_number(int, 0, strict=True), help="every task's step budget (default: the task's)"
+    )
+    p.add_argument(
+        "--head-learning-rate", type=_one_number(float, 0, strict=True), help="every method's head rate (default: 5e-3)"
+    )
+    p.add_argument("--alpha", type=_one_number(float, 0, strict=True), help="every adapter's alpha (default: its own)")
     p.add_argument(
         "--override",
         type=_override,
@@ -538,10 +616,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="a TrainSettings field for every run, e.g. head_modules='[\"classifier\"]' (repeatable)",
     )
+    p.add_argument("--report-only", action="store_true", help="tables and plot of the recorded runs; train nothing")
     p.add_argument("--model", help="the model folder (default: the real all-MiniLM-L6-v2)")
     p.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="folder with SST-2/, CoLA/, STS-B/, QNLI/")
-    p.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE)
-    p.add_argument("--max-train-samples", type=_positive_int, help="a fixed random training subset (tests)")
+    p.add_argument("--batch-size", type=_one_number(int, 0, strict=True), default=BATCH_SIZE)
+    p.add_argument(
+        "--max-train-samples", type=_one_number(int, 0, strict=True), help="a random training subset (tests)"
+    )
     args = p.parse_args(argv)
     args.override = dict(args.override)
     if args.trials_only and not args.sweep:
@@ -554,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point of ``python -m benchmarks.accuracy``; returns the suite's JSON content."""
     args = parse_args(argv)
     command = " ".join(["python -m benchmarks.accuracy", *(sys.argv[1:] if argv is None else argv)])
-    suite = Suite(args.json, command)
+    suite = Suite(args.json, command, setup_of(args))
     start = time.perf_counter()
     chosen = run_grid(args, suite)
     suite.save()

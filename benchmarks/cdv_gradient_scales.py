@@ -54,7 +54,7 @@ def fit(
     """Trains the CDV adapter of a frozen ``(d_in, d_out)`` layer towards a random CDV target.
 
     Returns the squared error relative to the target delta's (the zero init's error) at each step of
-    ``report_at``; every step sees fresh Gaussian inputs.
+    ``report_at``, measured on that step's batch after its update; every step sees fresh Gaussian inputs.
     """
     model = OneDense(d_out)
     x0 = jnp.ones((1, d_in))
@@ -72,12 +72,12 @@ def fit(
 
     step = cdvft_jax.make_train_step(loss_fn, optimizer)
     xs = jax.random.normal(jax.random.key(3), (steps, tokens, d_in))
-    initial = float(jnp.mean((xs[-1] @ target) ** 2))
     errors = []
     for i, x in enumerate(xs):
-        state, metrics = step(state, frozen, x, jax.random.key(0))
+        state, _ = step(state, frozen, x, jax.random.key(0))
         if i + 1 in report_at:
-            errors.append(float(metrics["loss"]) / initial)
+            error = loss_fn(cdvft_jax.merge_params(state.trainable, frozen), x, None)
+            errors.append(float(error) / float(jnp.mean((x @ target) ** 2)))
     return errors
 
 

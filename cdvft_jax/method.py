@@ -58,9 +58,11 @@ class AdapterMethod(NamedTuple):
       flops_per_step: ``(d_in, d_out, config, layer) -> float``, analytic
         flops of the weight-only work done once per forward pass whatever
         the number of tokens (CDVFT's spectra of ``c``, FourierFT's 2-D inverse FFT).
-      learning_rate: the peak AdamW rate of the adapter leaves that
-        :func:`~cdvft_jax.adapter_optimizer` and the programs use when none is
-        given (see ``benchmarks/NOTES.md`` for how each was chosen).
+      learning_rate: the AdamW rate of the adapter leaves when none is given:
+        :func:`~cdvft_jax.adapter_optimizer` uses it as a constant rate, the
+        programs as the peak of their warm-up and linear decay.  CDVFT's is
+        studied in ``benchmarks/NOTES.md``; the baselines' are their papers'
+        RoBERTa-base GLUE rates.  A new method should set its own.
     """
 
     name: str

@@ -192,10 +192,17 @@ def run_two_cpu_processes(command_of: Callable[[int], list[str]], cwd: Path, tim
         return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
 
 
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """A skipped test is a hidden failure: the run fails when any test was skipped."""
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
-    if skipped and session.exitstatus == 0:
-        reporter.write_line(f"FAILED: {len(skipped)} test(s) skipped; every test must run", red=True)
+    """A skipped test is a hidden failure: the run fails, naming every skipped test and why."""
+    if _SKIPPED and session.exitstatus == 0:
+        print(f"\nFAILED: {len(_SKIPPED)} test(s) skipped; every test must run:", *_SKIPPED, sep="\n  ")
         session.exitstatus = 1

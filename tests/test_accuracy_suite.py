@@ -29,7 +29,7 @@ def small_grid(json_path, model, *extra):
         "--model",
         str(model),
         "--steps",
-        "2",
+        "12",
         "--batch-size",
         "8",
         "--max-train-samples",
@@ -56,10 +56,11 @@ def test_one_record_per_run_with_every_dev_metric(default_grid):
     for r in runs:
         for key, kind in RECORD_KEYS.items():
             assert isinstance(r[key], kind), (key, r)
-        assert r["split"] == "dev" and r["steps"] == 2
+        # 80 examples make 10 batches of 8: the 12 steps span two epochs, each evaluated.
+        assert r["split"] == "dev" and r["steps"] == 12 and [e["step"] for e in r["evaluations"]] == [0, 10, 12]
         expected = {"accuracy"} if r["task"] == "sst2" else {"pearson", "spearmanr"}
         assert set(r["metrics"]) == expected
-        # The reported metrics are the final evaluation's.
+        # The reported metrics are the final evaluation's, not the best epoch's.
         assert r["metrics"] == {m: r["evaluations"][-1][m] for m in expected}
     rates = {(r["method"], r["learning_rate"], r["head_learning_rate"]) for r in runs}
     lr, head_lr = accuracy.default_rates("cdvft")
@@ -113,10 +114,69 @@ def test_sweep_chooses_the_rate_on_validation_and_reports_it_on_dev(tmp_path, ti
 
 
 def test_validation_is_carved_out_of_the_training_file_deterministically():
-    examples = [accuracy.Example(f"sentence {i}", None, i % 2) for i in range(20_000)]
+    examples = [accuracy.Example(f"sentence {i % 15_000}", None, i % 2) for i in range(20_000)]
     rest, validation = accuracy.carve_validation(examples)
-    assert len(validation) == accuracy.VALIDATION_MAX and len(rest) == 19_000
-    assert set(rest).isdisjoint(validation) and set(rest) | set(validation) == set(examples)
+    assert len(rest) + len(validation) == 20_000 and set(rest).isdisjoint(validation)
+    # 1,000 distinct texts (the cap), with every copy of a held-out text on the validation side.
+    held_texts = {examples[i].text_a for i in validation}
+    assert len(held_texts) == accuracy.VALIDATION_MAX
+    assert held_texts.isdisjoint(examples[i].text_a for i in rest)
     assert accuracy.carve_validation(examples) == (rest, validation)
     with pytest.raises(ValueError, match="cannot carve"):
         accuracy.carve_validation(examples[:1])
+
+
+def test_the_sweep_follows_validation_even_when_dev_disagrees(tmp_path, tiny_model, monkeypatch):
+    """Scripted scores: validation prefers 2x the default rate, dev would prefer 0.5x; 2x is reported."""
+    default_lr, _ = accuracy.default_rates("cdvft")
+
+    def scripted(spec, data, budget, model_path, batch_size):
+        factor = round(spec.learning_rate / default_lr, 3)
+        value = {"validation": {0.5: 0.6, 2.0: 0.7}, "dev": {0.5: 0.9, 2.0: 0.8}}[spec.split][factor]
+        return {
+            "key": spec.key,
+            "task": spec.task,
+            "method": spec.method,
+            "split": spec.split,
+            "seed": spec.seed,
+            "learning_rate": spec.learning_rate,
+            "main_metric": "accuracy",
+            "metrics": {"accuracy": value + spec.seed / 100},
+            "trainable_params": 1,
+        }
+
+    monkeypatch.setattr(accuracy, "run_one", scripted)
+    argv = ["--tasks", "sst2", "--methods", "cdvft", "--seeds", "0,1", "--sweep", "--lr-factors", "0.5,2"]
+    runs = accuracy.main(small_grid(tmp_path / "s.json", tiny_model, *argv))["runs"]
+    reported = [r for r in runs if r["split"] == "dev"]
+    assert [r["learning_rate"] for r in reported] == pytest.approx([2 * default_lr] * 2)
+    table = (tmp_path / "s.md").read_text()
+    assert "| cdvft | 80.5 +- 0.7 (n=2) |" in table  # dev at the chosen rate, seeds 0 and 1
+    assert f"| sst2 | cdvft | {default_lr / 2:.3g}: 60.0, {default_lr * 2:.3g}: 70.0 |" in table
+
+
+def test_resuming_with_another_setup_is_refused(default_grid):
+    argv, _, _ = default_grid
+    with pytest.raises(SystemExit, match=r"another setup.*batch_size"):
+        accuracy.main([*argv, "--batch-size", "4"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--seeds", "0,0", "distinct ints"),
+        ("--seeds", "-1", ">= 0"),
+        ("--lr-factors", "1,0", "> 0"),
+        ("--head-learning-rate", "nan", "> 0"),
+        ("--alpha", "-1", "> 0"),
+        ("--override", "max_steps=3", "FIELD one of"),
+        ("--override", "rank=4", "FIELD one of"),
+        ("--override", "target_modules=query", "not JSON"),
+        ("--override", 'head_modules="pooler"', "JSON list of strings"),
+        ("--override", "weight_decay=true", "finite number"),
+    ],
+)
+def test_bad_flags_are_refused_with_a_message(flag, value, message, capsys, tiny_model):
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--json", "x.json", "--model", str(tiny_model), flag, value])
+    assert message in capsys.readouterr().err

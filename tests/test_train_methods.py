@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_model
 
 import cdvft_jax
 from train import image, text
-from train.loop import DEFAULT_LEARNING_RATES, TrainSettings, adapter_config
+from train.loop import DEFAULT_LEARNING_RATES, TrainSettings, adapter_config, setup_method
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -79,3 +80,31 @@ def test_method_defaults_and_flags_reach_the_configs():
     assert text.parse_args(["--method", "full", "--learning-rate", "1e-4"]).learning_rate == 1e-4
     assert image.parse_args(["--model", "m", "--method", "vera"]).learning_rate == DEFAULT_LEARNING_RATES["vera"]
     assert image.parse_args(["--model", "m"]).learning_rate == DEFAULT_LEARNING_RATES["cdvft"]
+
+
+@pytest.mark.parametrize(("method", "prefix"), [("full", ""), ("lora", "lora_")])
+def test_each_method_steps_at_its_own_learning_rate(method, prefix):
+    """After the one warm-up step, an AdamW step on constant gradients moves each weight by the peak rate:
+    the given one, else the method's default (``full`` honours ``--learning-rate`` too)."""
+    import jax
+    import numpy as np
+
+    model = make_model("bert")
+
+    def second_update(learning_rate):
+        settings = TrainSettings(method=method, learning_rate=learning_rate, warmup_ratio=0.0)
+        setup = setup_method(method, model, settings, total_steps=1000)
+        grads = jax.tree.map(np.ones_like, setup.trainable)
+        state = setup.optimizer.init(setup.trainable)
+        for _ in range(2):  # the first step is the warm-up's, at rate 0
+            updates, state = setup.optimizer.update(grads, state, setup.trainable)
+        moved = [
+            np.abs(np.asarray(u)).max()
+            for path, u in jax.tree_util.tree_leaves_with_path(updates)
+            if prefix in jax.tree_util.keystr(path)
+        ]
+        return float(np.min(moved)), float(np.max(moved))
+
+    assert second_update(1e-3) == pytest.approx((1e-3, 1e-3), rel=1e-4)
+    expected = DEFAULT_LEARNING_RATES[method]
+    assert second_update(None) == pytest.approx((expected, expected), rel=1e-4)

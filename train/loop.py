@@ -62,7 +62,8 @@ class TrainSettings:
     Attributes:
       method: one of :data:`METHODS`.
       epochs: passes over the training data.
-      learning_rate: peak rate of the adapter vectors.
+      learning_rate: peak rate of the adapter vectors (of every weight for ``full``; unused by ``head``);
+        ``None`` is the method's default (:func:`default_learning_rate`).
       head_learning_rate: peak rate of the classifier head (adapter methods and ``head``).
       alpha: the adapter's scale (``None``: the method's default; LoRA scales by ``alpha / rank``).
       block_size: CDVFT circulant block size (``None``: one block per square layer).
@@ -78,7 +79,7 @@ class TrainSettings:
 
     method: str = "cdvft"
     epochs: int = 3
-    learning_rate: float = 5e-3
+    learning_rate: float | None = None
     head_learning_rate: float = 5e-3
     alpha: float | None = None
     block_size: int | None = None
@@ -241,6 +242,7 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
 def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: int) -> MethodSetup:
     """The trainable/frozen split and optimizer of method ``name`` for a Hugging Face Flax ``model``."""
     head_lr = schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio)
+    peak = default_learning_rate(name) if settings.learning_rate is None else settings.learning_rate
 
     def in_head(path: str) -> bool:
         return matches_within(path, settings.head_modules)
@@ -251,7 +253,7 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
         trainable, frozen = adapted.split(params)
         optimizer = cdvft_jax.adapter_optimizer(
             adapted,
-            adapter_learning_rate=schedule(settings.learning_rate, total_steps, settings.warmup_ratio),
+            adapter_learning_rate=schedule(peak, total_steps, settings.warmup_ratio),
             head_learning_rate=head_lr,
             weight_decay=settings.weight_decay,
         )
@@ -262,7 +264,7 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
     elif name == "full":
         trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
         optimizer = optax.adamw(
-            schedule(settings.learning_rate, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay
+            schedule(peak, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay
         )
     else:
         raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
@@ -393,7 +395,9 @@ def train_and_evaluate(
         come back replicated, so every process computes the same metrics.
 
     Returns:
-      The run's summary: trainable params, metrics before training, best epoch and its metrics, timing.
+      The run's summary: trainable params, the dev metrics ``before`` training, at the ``best`` epoch
+      (``best_epoch``) and at the ``final`` step, ``final_train_loss`` (the mean loss of the last epoch's
+      steps), every logged evaluation (``evaluations``), steps and timing.
     """
     if steps_per_epoch == 0:
         raise SystemExit("the training set is smaller than one batch")
