@@ -101,9 +101,10 @@ def carve_validation(examples: Sequence[Example], seed: int = 0) -> tuple[list[i
     Repeated texts (SST-2's training file holds many) go to one side together, so no validation text is
     also trained on.
 
-    >>> rest, validation = carve_validation([Example(str(i % 40), None, i % 2) for i in range(50)])
-    >>> len(validation), len(rest) + len(validation), set(rest).isdisjoint(validation)
-    (4, 50, True)
+    >>> examples = [Example(f"text {i % 30}", None, i % 2) for i in range(60)]  # every text twice
+    >>> rest, validation = carve_validation(examples)
+    >>> len(validation), len(rest), {examples[i].text_a for i in validation} & {examples[i].text_a for i in rest}
+    (6, 54, set())
     """
     groups: dict[tuple[str, str | None], list[int]] = {}
     for index, example in enumerate(examples):
