@@ -263,9 +263,7 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
         optimizer = optax.adamw(head_lr, weight_decay=settings.weight_decay)
     elif name == "full":
         trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
-        optimizer = optax.adamw(
-            schedule(peak, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay
-        )
+        optimizer = optax.adamw(schedule(peak, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay)
     else:
         raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
     count = cdvft_jax.count_params(trainable)
