@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import accuracy, flops, operators, params, step_time
-from benchmarks.step_time import MODELS, add_step_arguments, log, parse_methods, positive_int
+from benchmarks.step_time import MODELS, add_step_arguments, log, names_parser, parse_methods, positive_int
 
 PARTS = ("train_step", "params", "flops", "operator", "accuracy")
 DEFAULT_PARTS = PARTS[:4]
@@ -108,16 +108,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_list(choices: Sequence[str]) -> Any:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items or set(items) - set(choices) or len(set(items)) != len(items):
-            raise argparse.ArgumentTypeError(f"expected distinct items out of {','.join(choices)}, got {text!r}")
-        return items
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, metavar="PATH", required=True, help="write the results here")
@@ -125,10 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores (the accuracy part: hours)")
     mode.add_argument("--tiny", "--small", dest="tiny", action="store_true", help="tiny models, a smoke test")
     parser.add_argument(
-        "--parts", type=parse_list(PARTS), default=list(DEFAULT_PARTS), help="comma-separated parts (accuracy: opt-in)"
+        "--parts",
+        type=names_parser(PARTS),
+        default=list(DEFAULT_PARTS),
+        help="comma-separated parts (accuracy: opt-in)",
     )
     parser.add_argument("--accuracy-model", help="the accuracy part's model folder (default: the real MiniLM)")
-    parser.add_argument("--models", type=parse_list(MODELS), default=list(MODELS), help="comma-separated models")
+    parser.add_argument("--models", type=names_parser(MODELS), default=list(MODELS), help="comma-separated models")
     parser.add_argument("--methods", type=parse_methods, default=list(step_time.METHODS), help="comma-separated")
     parser.add_argument("--repeats", type=positive_int, help="interleaved train-step rounds (default: by mode)")
     add_step_arguments(parser)

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.step_time import host_info, log
+from benchmarks.step_time import host_info, log, names_parser
 from train import text
 from train.data import Example, TaskSpec
 from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, train_and_evaluate
@@ -517,17 +517,6 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
     plt.close(figure)
 
 
-def _names(choices: Sequence[str]):
-    def parse(value: str) -> list[str]:
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        unknown = sorted(set(items) - set(choices))
-        if not items or unknown or len(set(items)) != len(items):
-            raise argparse.ArgumentTypeError(f"expected distinct names out of {','.join(choices)}, got {value!r}")
-        return items
-
-    return parse
-
-
 def _numbers(kind: type, minimum: float, strict: bool):
     """A comma-separated list of distinct finite ``kind`` values above (``strict``) or at least ``minimum``."""
     bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
@@ -590,8 +579,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The suite's command line."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, required=True, help="the records; re-runs skip what it holds")
-    p.add_argument("--tasks", type=_names(list(TASKS)), default=list(TASKS), help="comma-separated")
-    p.add_argument("--methods", type=_names(METHODS), default=list(SUITE_METHODS), help="comma-separated")
+    p.add_argument("--tasks", type=names_parser(list(TASKS)), default=list(TASKS), help="comma-separated")
+    p.add_argument("--methods", type=names_parser(METHODS), default=list(SUITE_METHODS), help="comma-separated")
     p.add_argument("--seeds", type=_numbers(int, 0, strict=False), default=[0, 1, 2], help="comma-separated")
     p.add_argument("--sweep", action="store_true", help="choose each method's rate on a validation split first")
     p.add_argument(

@@ -510,12 +510,19 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[s
     return machine, summarize(timings, rss, machine["batch"] * machine["seq_len"])
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise argparse.ArgumentTypeError(f"expected distinct methods out of {','.join(METHODS)}, got {text!r}")
-    return methods
+def names_parser(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of distinct names out of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items or set(items) - set(choices) or len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"expected distinct names out of {','.join(choices)}, got {text!r}")
+        return items
+
+    return parse
+
+
+parse_methods = names_parser(METHODS)
 
 
 def positive_int(text: str) -> int:
