@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from benchmarks.step_time import host_info, log, names_parser
 from train import text
-from train.data import Example, TaskSpec
+from train.data import Example, TaskSpec, find_task
 from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, train_and_evaluate
 from train.metrics import compute_metrics
 
@@ -306,6 +306,11 @@ class Suite:
         temporary.replace(self.path)
 
 
+def main_metric(task: str) -> str:
+    """The metric that scores ``task`` (GLUE's: accuracy, Matthews correlation for CoLA, Pearson for STS-B)."""
+    return find_task(task).main_metric
+
+
 def score(record: dict[str, Any]) -> float:
     """The run's main metric; an undefined correlation (a constant prediction) counts as 0."""
     value = record["metrics"][record["main_metric"]]
@@ -407,6 +412,8 @@ def cell(values: Sequence[float]) -> str:
     if not values:
         return "-"
     mean, std = _mean_std([100 * v for v in values])
+    if len(values) == 1:
+        return f"{mean:.1f} (n=1)"
     return f"{mean:.1f} +- {std:.1f}" + ("" if len(values) == 3 else f" (n={len(values)})")
 
 
@@ -430,8 +437,7 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
     """The methods x tasks table (mean +- std over seeds), the goals of issue 10, and the sweep's trials."""
     records = reported(runs, chosen)
     scores, params = dev_scores(records), trainable_params(records)
-    metric = {r["task"]: r["main_metric"] for r in runs}
-    header = [f"{t} ({metric.get(t, '?')})" for t in tasks]
+    header = [f"{t} ({main_metric(t)})" for t in tasks]
     lines = [
         "| method | " + " | ".join(header) + " | mean | trainable params |",
         "|---|" + "---:|" * (len(tasks) + 2),
@@ -497,7 +503,6 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
 
     records = reported(runs, chosen)
     scores, params = dev_scores(records), trainable_params(records)
-    metric = {r["task"]: r["main_metric"] for r in runs}
     figure, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
     for axis, task in zip(axes[0], tasks, strict=True):
         for method in methods:
@@ -505,12 +510,13 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
             if not values:
                 continue
             mean, std = _mean_std([100 * v for v in values])
-            axis.errorbar(params[task, method], mean, yerr=std, fmt="o", capsize=3, label=method)
+            color = f"C{methods.index(method)}"  # one color per method across the panels
+            axis.errorbar(params[task, method], mean, yerr=std, fmt="o", capsize=3, color=color, label=method)
             axis.annotate(method, (params[task, method], mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set_xscale("log")
         axis.set_title(task)
         axis.set_xlabel("trainable parameters")
-        axis.set_ylabel(f"dev {metric.get(task, '')} x 100")
+        axis.set_ylabel(f"dev {main_metric(task)} x 100")
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
