@@ -49,7 +49,7 @@ from cdvft_jax.injection import (
 from cdvft_jax.layers import CDVDense
 from cdvft_jax.lora import LORA, LoRAConfig
 from cdvft_jax.method import AdapterMethod
-from cdvft_jax.params import count_params, merge_params, split_params
+from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_params, non_finite_leaves, split_params
 from cdvft_jax.training import (
     TrainState,
     adapter_optimizer,
@@ -79,6 +79,7 @@ __all__ = [
     "DenseLayer",
     "FourierFTConfig",
     "LoRAConfig",
+    "NonFiniteError",
     "TrainState",
     "TrainingCheckpointer",
     "TrainableSummary",
@@ -95,6 +96,7 @@ __all__ = [
     "cdv_product_delta",
     "cdv_product_weight",
     "cdv_shape",
+    "check_finite",
     "config_from_dict",
     "config_from_json",
     "count_params",
@@ -105,6 +107,7 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "merge_params",
+    "non_finite_leaves",
     "read_adapter_config",
     "save_adapter",
     "single_tree_optimizer",

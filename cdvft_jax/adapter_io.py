@@ -6,6 +6,8 @@ An adapter directory holds two files:
   (:meth:`~cdvft_jax.config.AdapterConfig.to_dict`), the base model's name and
   class, and the shape of every adapted layer and ``modules_to_save`` leaf, so
   an adapter for another architecture is refused before anything is read;
+  It also holds ``weights_sha256``, the SHA-256 of the tensor file, checked on load, so flipped bytes
+  in the tensor data (which the safetensors header cannot see) are refused;
 * ``adapter_model.safetensors``: every trainable leaf (the adapter leaves and
   the ``modules_to_save`` leaves) in float32 (a method's frozen adapter leaves,
   such as VeRA's projections, are rebuilt from the config instead), keyed by its ``/``-joined
@@ -26,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -42,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from cdvft_jax._version import __version__
 from cdvft_jax.config import config_from_dict
 from cdvft_jax.injection import AdaptedModel, inject
-from cdvft_jax.params import flat_params, unflat_params
+from cdvft_jax.params import check_finite, flat_params, non_finite_leaves, unflat_params
 
 __all__ = [
     "CONFIG_NAME",
@@ -54,8 +57,8 @@ __all__ = [
     "save_adapter",
 ]
 
-FORMAT_VERSION = 1
-"""The newest adapter directory format this library writes and reads."""
+FORMAT_VERSION = 2
+"""The newest adapter directory format this library writes and reads (2 adds ``weights_sha256``)."""
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -116,6 +119,7 @@ def save_adapter(
 
     Raises:
       ValueError: if ``params`` lacks a trainable leaf or has one of the wrong shape.
+      NonFiniteError: if a trainable leaf holds a NaN or an infinity (nothing is written).
 
     Example::
 
@@ -134,6 +138,8 @@ def save_adapter(
         if tuple(leaf.shape) != expected[path]:
             raise ValueError(f"params leaf {path!r} has shape {tuple(leaf.shape)}, the model expects {expected[path]}")
     tensors = {path: np.ascontiguousarray(leaf, dtype=np.float32) for path, leaf in trainable.items()}
+    check_finite(tensors, "the adapter to save")
+    weights = safetensors.numpy.save(tensors, metadata={"format": _LIBRARY})
     document = {
         "format_version": FORMAT_VERSION,
         "library": _LIBRARY,
@@ -143,6 +149,7 @@ def save_adapter(
         "base_model_class": adapted.model_class,
         "layers": _layer_entries(adapted),
         "modules_to_save": {path: list(shape) for path, shape in _saved_module_shapes(adapted).items()},
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
     # Serialised before the disk is touched, so a config that is not JSON-ready fails cleanly.
     text = json.dumps(document, indent=2) + "\n"
@@ -152,13 +159,9 @@ def save_adapter(
     weights_tmp = directory / f".{WEIGHTS_NAME}.{tag}.tmp"
     config_tmp = directory / f".{CONFIG_NAME}.{tag}.tmp"
     try:
-        safetensors.numpy.save_file(tensors, weights_tmp, metadata={"format": _LIBRARY})
+        _write_durably(weights_tmp, weights)
         os.chmod(weights_tmp, SHARED_FILE_MODE)
-        _fsync_file(weights_tmp)
-        with open(config_tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_durably(config_tmp, text.encode("utf-8"))
         # An older config beside the new weights could still load (same shapes,
         # wrong alpha or head), so it goes before the weights are swapped in.
         (directory / CONFIG_NAME).unlink(missing_ok=True)
@@ -174,6 +177,14 @@ def save_adapter(
 
 SHARED_FILE_MODE = 0o644
 """Mode of written weight files: safetensors creates them 0600, but adapters and exports are made to share."""
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a new file at ``path`` and flushes it to the disk."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_file(path: Path) -> None:
@@ -232,6 +243,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} has format_version {version}, but cdvft_jax {__version__} reads format_version "
             f"{FORMAT_VERSION} at most; upgrade cdvft_jax to load this adapter"
         )
+    if version >= 2:
+        sha = data.get("weights_sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise AdapterFileError(f"{path}: weights_sha256 should be 64 hex digits (format 2), found {sha!r}")
     _check_structure(data, path)
     return data
 
@@ -262,9 +277,10 @@ def load_adapter(
       ``(adapted, params)``: call ``adapted(*inputs, params=params)``.
 
     Raises:
-      AdapterFileError: if a file is missing or corrupt, the format is newer
-        than this library reads, the adapter was made for another model, or a
-        stored tensor is missing, unexpected, misshapen or not float32.
+      AdapterFileError: if a file is missing or corrupt (its SHA-256 differs
+        from the config's), the format is newer than this library reads, the
+        adapter was made for another model, or a stored tensor is missing,
+        unexpected, misshapen, not float32 or not finite.
       ValueError: if ``base_params`` is missing or does not fit ``model``.
 
     Example::
@@ -302,7 +318,7 @@ def load_adapter(
     )
 
     base = _flat_base_params(model, base_params, adapted)
-    stored = _read_tensors(weights_path, _trainable_shapes(adapted))
+    stored = _read_tensors(weights_path, _trainable_shapes(adapted), document.get("weights_sha256"))
     base.update((path, jnp.asarray(value)) for path, value in stored.items())
     base.update(flat_params(adapted.frozen_adapter_params()))
     return adapted, unflat_params(base)
@@ -343,8 +359,10 @@ def _flat_base_params(model: Any, base_params: Params | None, adapted: AdaptedMo
     return flat
 
 
-def _read_tensors(path: Path, expected: Mapping[str, Shape]) -> dict[str, np.ndarray]:
-    """The stored tensors, after their keys, shapes and dtypes are checked against ``expected``."""
+def _read_tensors(path: Path, expected: Mapping[str, Shape], sha256: str | None) -> dict[str, np.ndarray]:
+    """The stored tensors, checked: keys, shapes and dtypes against ``expected`` (from the header, first),
+    then the file against ``sha256`` (``None``: a format-1 adapter, which has none) and every value finite.
+    """
     try:
         with safe_open(path, framework="np") as f:
             keys = set(f.keys())
@@ -367,9 +385,22 @@ def _read_tensors(path: Path, expected: Mapping[str, Shape]) -> dict[str, np.nda
                     raise AdapterFileError(
                         f"{path}: tensor {key!r} has dtype {tensor.get_dtype()}; adapters are stored as float32 (F32)"
                     )
-            return {key: f.get_tensor(key) for key in expected}
     except SafetensorError as e:
         raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise AdapterFileError(
+            f"{path} does not match the weights_sha256 in {CONFIG_NAME}: the file was damaged or replaced "
+            "after it was saved"
+        )
+    try:
+        tensors = safetensors.numpy.load(data)
+    except SafetensorError as e:
+        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    bad = non_finite_leaves(tensors)
+    if bad:
+        raise AdapterFileError(f"{path} holds NaN or infinite values in {len(bad)} tensors: {_listing(bad)}")
+    return {key: tensors[key] for key in expected}
 
 
 # --- what an adapter looks like -----------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,6 +27,7 @@ __all__ = [
     "AdapterConfig",
     "ModulePatterns",
     "check_dropout",
+    "check_finite_number",
     "check_int",
     "check_positive_int",
     "config_from_dict",
@@ -92,6 +94,12 @@ def check_int(value: Any, field: str) -> None:
         raise ValueError(f"{field} must be an int, got {value!r}")
 
 
+def check_finite_number(value: Any, field: str) -> None:
+    """Raises ``ValueError`` unless ``value`` is a finite int or float (not a bool, NaN or an infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
+
+
 def check_dropout(value: Any) -> None:
     """Raises ``ValueError`` unless ``value`` is a probability in ``[0, 1)``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
@@ -136,8 +144,7 @@ class AdapterConfig:
         set_(self, "target_modules", targets)
         set_(self, "exclude_modules", _normalize_patterns(self.exclude_modules, "exclude_modules"))
         set_(self, "modules_to_save", _normalize_patterns(self.modules_to_save, "modules_to_save"))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        check_finite_number(self.alpha, "alpha")
         set_(self, "alpha", float(self.alpha))
         set_(self, "overrides", self._normalize_overrides(self.overrides))
 

@@ -36,7 +36,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from cdvft_jax.adapter_io import SHARED_FILE_MODE
-from cdvft_jax.params import flat_params
+from cdvft_jax.params import check_finite, flat_params
 
 __all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
 
@@ -99,13 +99,14 @@ def flax_to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
 
 
 def _check_merged(model: Any, params: Params) -> None:
-    """Raises unless ``params`` has exactly the leaves and shapes of ``model``'s own params."""
+    """Raises unless ``params`` has exactly the leaves and shapes of ``model``'s own params, all finite."""
     expected = {p: tuple(s.shape) for p, s in flat_params(model.params_shape_tree).items()}
     got = {p: tuple(np.shape(v)) for p, v in flat_params(params).items()}
     extra = sorted(set(got) - set(expected))
     missing = sorted(set(expected) - set(got))
     wrong = sorted(f"{p}: {got[p]} != {expected[p]}" for p in set(got) & set(expected) if got[p] != expected[p])
     if not (extra or missing or wrong):
+        check_finite(params, "the merged params to export")
         return
     problems = []
     if extra:
@@ -143,6 +144,7 @@ def save_merged_flax(model: Any, merged_params: Params, out_dir: str | Path) -> 
     Raises:
       ValueError: if ``merged_params`` does not have exactly the model's
         leaves and shapes (e.g. adapter leaves were not merged).
+      NonFiniteError: if a leaf holds a NaN or an infinity (nothing is written).
     """
     _check_merged(model, merged_params)
     out = Path(out_dir)
@@ -172,6 +174,7 @@ def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) ->
       TypeError: if ``model`` is not a Hugging Face ``Flax...`` model.
       ValueError: if ``merged_params`` does not have exactly the model's
         leaves and shapes (e.g. adapter leaves were not merged).
+      NonFiniteError: if a leaf holds a NaN or an infinity (nothing is written).
     """
     architecture = _torch_class_name(model)
     _check_merged(model, merged_params)

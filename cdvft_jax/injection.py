@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ import flax.linen as nn
 import jax
 
 from cdvft_jax.config import AdapterConfig, matches, matches_within
+from cdvft_jax.params import check_finite as check_finite_params
 from cdvft_jax.params import count_params, flat_params, merge_params, split_params, unflat_params
 
 __all__ = ["AdaptedLayer", "AdaptedModel", "DenseLayer", "TrainableSummary", "find_dense_layers", "inject"]
@@ -293,14 +295,27 @@ class AdaptedModel:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
-    def merge(self, params: Params) -> dict:
+    def merge(self, params: Params, *, check_finite: bool = True) -> dict:
         """Base params with ``scaling * dW`` folded into each adapted kernel; adapter leaves removed.
 
         The result runs on the unmodified model (no interception) at no extra
         cost and gives the adapted model's outputs.  Folding is done in
         float32 and cast to each kernel's dtype.
+
+        Args:
+          params: base params plus every adapter leaf.
+          check_finite: first refuse trainable leaves (adapter and head) that hold a NaN or an
+            infinity, which would silently poison the merged kernels.  The check reads the values, so
+            pass ``False`` when merging inside ``jit``.
+
+        Raises:
+          NonFiniteError: ``check_finite`` and a trainable leaf is not finite.
         """
         from cdvft_jax.merge import fold_adapters
+
+        if check_finite:
+            trainable = {path: leaf for path, leaf in flat_params(params).items() if self.is_trainable(path)}
+            check_finite_params(trainable, "the adapter to merge")
 
         return fold_adapters(self, params, sign=1.0, keep_adapter=False)
 
@@ -376,11 +391,20 @@ def _check_selection(config: AdapterConfig, dense_layers: Mapping[str, DenseLaye
             raise ValueError(
                 f"target_modules entry {entry!r} matches no nn.Dense layer; the model's Dense layers are: {examples}"
             )
+    matched = [p for p in seen if matches(p, config.target_modules)]
+    for probe in _one_by_one(config.exclude_modules):
+        if not any(matches(p, probe) for p in matched):
+            entry = probe if isinstance(probe, str) else probe[0]
+            raise ValueError(f"exclude_modules entry {entry!r} excludes none of the layers target_modules matches")
     targets = [p for p in seen if config.is_target(p)]
     if not targets:
         raise ValueError(
             f"every layer matched by target_modules is excluded by exclude_modules {config.exclude_modules!r}"
         )
+    for pattern, _ in config.overrides:
+        if not any(re.fullmatch(pattern, p) for p in targets):
+            shown = ", ".join(targets[:4]) + (", ..." if len(targets) > 4 else "")
+            raise ValueError(f"overrides pattern {pattern!r} matches no adapted layer; the adapted layers are: {shown}")
     inside = [p for p in targets if config.in_modules_to_save(p)]
     if inside:
         raise ValueError(

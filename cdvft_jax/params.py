@@ -10,10 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-__all__ = ["count_params", "flat_params", "merge_params", "split_params", "unflat_params"]
+__all__ = [
+    "NonFiniteError",
+    "check_finite",
+    "count_params",
+    "flat_params",
+    "merge_params",
+    "non_finite_leaves",
+    "split_params",
+    "unflat_params",
+]
 
 Params = Mapping[str, Any]
 
@@ -67,3 +78,36 @@ def count_params(params: Params) -> int:
             size *= s
         total += size
     return total
+
+
+class NonFiniteError(ValueError):
+    """A parameter tree holds a NaN or an infinity where only finite values may go (a save, a merge)."""
+
+
+def non_finite_leaves(params: Params) -> list[str]:
+    """The paths of the floating-point leaves of ``params`` that hold a NaN or an infinity.
+
+    The values are read to the host, so ``params`` must be concrete (not traced inside ``jit``).
+
+    >>> non_finite_leaves({"a": {"x": np.ones(2), "y": np.array([1.0, np.nan])}})
+    ['a/y']
+
+    Raises:
+      TypeError: if a leaf is a tracer.
+    """
+    bad = []
+    for path, leaf in flat_params(params).items():
+        if isinstance(leaf, jax.core.Tracer):
+            raise TypeError(f"cannot read leaf {path!r} for a finite-value check inside a traced function (jit, grad)")
+        dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+        if jax.numpy.issubdtype(dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(leaf).all()):
+            bad.append(path)
+    return bad
+
+
+def check_finite(params: Params, what: str) -> None:
+    """Raises :class:`NonFiniteError` naming ``what`` and the leaves of ``params`` that are not finite."""
+    bad = non_finite_leaves(params)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteError(f"{what} holds NaN or infinite values in {len(bad)} leaves: {shown}")

@@ -269,7 +269,8 @@ def make_sharded_train_step(
         ``NamedSharding(mesh, batch_spec())``) or a tree of them.
 
     Returns:
-      The jitted step; ``metrics`` holds ``loss``.
+      The jitted step; ``metrics`` holds ``loss`` and ``finite``, as for
+      :func:`~cdvft_jax.make_train_step`.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     # The inner jit is inlined into this one, so the step body lives in one

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from cdvft_jax.injection import AdaptedModel
@@ -184,7 +185,8 @@ def make_train_step(
       donate: donate the old state's buffers to the new one.
 
     Returns:
-      The jitted step; ``metrics`` holds ``loss``.
+      The jitted step; ``metrics`` holds ``loss`` and ``finite`` (a boolean scalar: the loss and every
+      updated trainable weight are finite).
     """
 
     def train_step(state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
@@ -194,11 +196,18 @@ def make_train_step(
         loss, grads = jax.value_and_grad(objective)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        # Only the loss is reported: a gradient norm over a single params tree
-        # would read every frozen gradient and keep XLA from pruning them.
-        return TrainState(state.step + 1, trainable, opt_state), {"loss": loss}
+        # No gradient norm is reported: over a single params tree it would read
+        # every frozen gradient and keep XLA from pruning them.  A non-finite
+        # gradient shows in the updated weights, so those are checked instead.
+        finite = jnp.isfinite(loss) & _all_finite(trainable)
+        return TrainState(state.step + 1, trainable, opt_state), {"loss": loss, "finite": finite}
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def _all_finite(tree: Params) -> jax.Array:
+    leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def make_eval_step(fn: Callable[[Params, Any], Any]) -> Callable[[Params, Params, Any], Any]:

@@ -22,7 +22,14 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from cdvft_jax.config import AdapterConfig, ModulePatterns, check_dropout, check_int, check_positive_int
+from cdvft_jax.config import (
+    AdapterConfig,
+    ModulePatterns,
+    check_dropout,
+    check_finite_number,
+    check_int,
+    check_positive_int,
+)
 from cdvft_jax.lora import input_dropout, uses_dropout
 from cdvft_jax.method import AdapterMethod, LayerParams
 
@@ -61,8 +68,7 @@ class VeRAConfig(AdapterConfig):
         check_positive_int(self.rank, "rank")
         check_dropout(self.dropout)
         check_int(self.projection_seed, "projection_seed")
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, int | float):
-            raise ValueError(f"d_initial must be a number, got {self.d_initial!r}")
+        check_finite_number(self.d_initial, "d_initial")
         super().__post_init__()
 
     @property

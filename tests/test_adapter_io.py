@@ -1,5 +1,7 @@
 """Saving and loading adapters: exact round trips, file size, and every way a file can be wrong."""
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ from conftest import TEXT, make_inputs, make_model
 from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
 
 import cdvft_jax
-from cdvft_jax import CDVFTConfig
+from cdvft_jax import CDVFTConfig, adapter_io
 from cdvft_jax.adapter_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -23,6 +25,7 @@ from cdvft_jax.adapter_io import (
     read_adapter_config,
     save_adapter,
 )
+from cdvft_jax.export import save_merged_flax
 from cdvft_jax.params import flat_params, merge_params, unflat_params
 
 QUERY_A_IN = "roberta/encoder/layer/0/attention/self/query/cdv_a_in"
@@ -178,6 +181,22 @@ def edit_tensors(change):
     return edit
 
 
+def flip_data_byte(directory):
+    path = directory / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's values: the header still reads fine
+    path.write_bytes(bytes(data))
+
+
+def store_nan_with_its_hash(directory):
+    """A file that matches its config's SHA-256 but holds a NaN (as a tool other than save_adapter might write)."""
+    path = directory / WEIGHTS_NAME
+    tensors = safetensors.numpy.load_file(path)
+    tensors[QUERY_A_IN][3] = np.nan
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "cdvft_jax"})
+    edit_config(weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())(directory)
+
+
 def remove_config_key(key):
     def edit(directory):
         path = directory / CONFIG_NAME
@@ -217,7 +236,7 @@ BAD_FILES = {
     "other library": (edit_config(library="peft"), "written by 'peft', not by cdvft_jax"),
     "newer format": (
         edit_config(format_version=99),
-        r"format_version 99, but cdvft_jax .* reads format_version 1 at most; upgrade cdvft_jax",
+        r"format_version 99, but cdvft_jax .* reads format_version 2 at most; upgrade cdvft_jax",
     ),
     "malformed layers": (edit_config(layers=[]), "'layers' should be an object"),
     "unknown method": (edit_config(adapter={"method": "nope"}), "invalid adapter config: unknown adapter method"),
@@ -227,6 +246,9 @@ BAD_FILES = {
     ),
     "head shape": (rewrite_modules_to_save, r"modules_to_save does not match .*classifier/dense/kernel"),
     "truncated": (truncate, f"{WEIGHTS_NAME} is not a readable safetensors file \\(truncated or corrupt"),
+    "flipped data byte": (flip_data_byte, f"{WEIGHTS_NAME} does not match the weights_sha256 in {CONFIG_NAME}"),
+    "nan value": (store_nan_with_its_hash, f"holds NaN or infinite values in 1 tensors: {QUERY_A_IN}"),
+    "malformed hash": (edit_config(weights_sha256="abc"), "weights_sha256 should be 64 hex digits"),
     "flipped header": (flip_header, f"{WEIGHTS_NAME} is not a readable safetensors file \\(truncated or corrupt"),
     "missing tensor": (edit_tensors(lambda t: t.pop(QUERY_A_IN)), f"lacks 1 tensors the adapter needs: {QUERY_A_IN}"),
     "extra tensor": (
@@ -291,18 +313,18 @@ def test_base_params_that_do_not_fit_are_refused(roberta, saved):
 # --- crashes while saving -----------------------------------------------------------------------
 
 
-def failing_save_file(tensors, filename, metadata=None):
-    with open(filename, "wb") as f:
-        f.write(b"\x00" * 100)  # a partial write, then the crash
-    raise OSError("disk full")
+def full_disk(path, data):
+    with open(path, "wb") as f:
+        f.write(data[:100])  # a partial write, then the disk is full
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_a_crash_while_writing_keeps_the_older_adapter(roberta, copy, monkeypatch):
     before_files = sorted(os.listdir(copy))
     _, old = load_adapter(copy, roberta)
     newer, newer_params = trained(roberta, seed=1)
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(adapter_io, "_write_durably", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
         save_adapter(copy, newer, newer_params)
     monkeypatch.undo()
 
@@ -314,8 +336,8 @@ def test_a_crash_while_writing_keeps_the_older_adapter(roberta, copy, monkeypatc
 
 def test_a_crash_while_writing_a_new_directory_leaves_no_adapter(roberta, tmp_path, monkeypatch):
     adapted, params = trained(roberta)
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(adapter_io, "_write_durably", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
         save_adapter(tmp_path / "new", adapted, params)
     monkeypatch.undo()
     with pytest.raises(AdapterFileError, match=f"holds no {CONFIG_NAME}"):
@@ -346,3 +368,40 @@ def test_saving_needs_every_trainable_leaf(roberta, tmp_path):
     with pytest.raises(ValueError, match="params lack 12 trainable leaves"):
         save_adapter(tmp_path, adapted, roberta.params)
     assert not (tmp_path / CONFIG_NAME).exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_adapter_is_never_saved_merged_or_exported(roberta, copy, bad):
+    adapted, params = trained(roberta)
+    flat = flat_params(params)
+    leaf = next(p for p in flat if p.endswith("/cdv_c"))
+    flat[leaf] = flat[leaf].at[0, 0, 1].set(bad)
+    poisoned = unflat_params(flat)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    message = f"the adapter to save holds NaN or infinite values in 1 leaves: {leaf}"
+    with pytest.raises(cdvft_jax.NonFiniteError, match=message):
+        save_adapter(copy, adapted, poisoned)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # the older adapter is untouched
+    with pytest.raises(cdvft_jax.NonFiniteError, match=f"the adapter to merge .* {leaf}"):
+        adapted.merge(poisoned)
+    # A merge that skips the check (as inside jit) poisons the kernels, which export then refuses.
+    merged = adapted.merge(poisoned, check_finite=False)
+    with pytest.raises(cdvft_jax.NonFiniteError, match=r"the merged params to export .* 1 leaves: .*query/kernel"):
+        save_merged_flax(roberta, merged, copy.parent / "export")
+    assert not (copy.parent / "export").exists()
+
+
+def test_non_finite_leaves_reads_floating_leaves_and_refuses_tracers():
+    tree = {"a": {"ids": np.array([1, 2]), "w": np.array([0.0, -np.inf]), "ok": np.ones(3, np.float16)}}
+    assert cdvft_jax.non_finite_leaves(tree) == ["a/w"]
+    with pytest.raises(TypeError, match="inside a traced function"):
+        jax.jit(lambda t: cdvft_jax.non_finite_leaves({"x": t}) and t)(np.ones(2))
+
+
+def test_a_format_1_adapter_without_a_hash_still_loads(roberta, copy, saved):
+    edit_config(format_version=1)(copy)
+    remove_config_key("weights_sha256")(copy)
+    _, params = load_adapter(copy, roberta)
+    _, expected = load_adapter(saved, roberta)
+    for path, leaf in flat_params(expected).items():
+        np.testing.assert_array_equal(flat_params(params)[path], leaf, err_msg=path)

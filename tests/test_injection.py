@@ -197,6 +197,14 @@ def test_describe_and_summary_report_what_matched():
         (dict(target_modules=["qeury", "value"]), ValueError, r"'qeury' matches no nn.Dense layer.*self/query"),
         (dict(target_modules=r".*/nothing"), ValueError, r"matches no nn.Dense layer"),
         (dict(target_modules=["query"], exclude_modules=["query"]), ValueError, "excluded by exclude_modules"),
+        (dict(exclude_modules=["key"]), ValueError, "exclude_modules entry 'key' excludes none of the layers"),
+        (dict(exclude_modules=r".*layer/9/.*"), ValueError, r"entry '\.\*layer/9/\.\*' excludes none"),
+        (
+            dict(overrides={r".*layer/7/.*": {"alpha": 2.0}}),
+            ValueError,
+            r"overrides pattern '\.\*layer/7/\.\*' matches no adapted layer; the adapted layers are: roberta/",
+        ),
+        (dict(overrides={r".*key": {"alpha": 2.0}}), ValueError, "matches no adapted layer"),
         (dict(target_modules=["dense"], modules_to_save=["classifier"]), ValueError, "lie inside modules_to_save"),
         (dict(modules_to_save=["clasifier"]), ValueError, "'clasifier' matches no module"),
         (

@@ -258,6 +258,7 @@ def test_paper_parameter_ratios_on_roberta_base_and_vit_base():
         (lambda: LoRAConfig(rank=0), "rank must be a positive int"),
         (lambda: LoRAConfig(rank=2.0), "rank must be a positive int"),
         (lambda: LoRAConfig(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (lambda: VeRAConfig(d_initial=float("inf")), "d_initial must be a finite number, got inf"),
         (lambda: VeRAConfig(rank=-1), "rank must be a positive int"),
         (lambda: VeRAConfig(projection_seed="x"), "projection_seed must be an int"),
         (lambda: FourierFTConfig(n_frequency=0), "n_frequency must be a positive int"),

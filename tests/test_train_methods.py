@@ -8,7 +8,7 @@ from conftest import make_model
 
 import cdvft_jax
 from train import image, text
-from train.loop import DEFAULT_LEARNING_RATES, TrainSettings, adapter_config, setup_method
+from train.loop import DEFAULT_LEARNING_RATES, ConfigError, TrainSettings, adapter_config, setup_method
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -56,12 +56,18 @@ def test_a_baseline_run_trains_saves_and_loads_like_cdvft(method, tmp_path, tiny
         (TrainSettings(method="cdvft", rank=4), "--rank does not apply to --method cdvft"),
         (TrainSettings(method="lora", block_size=8), "--block-size does not apply to --method lora"),
         (TrainSettings(method="vera", n_frequency=8), "--n-frequency does not apply to --method vera"),
-        (TrainSettings(method="lora", rank=0), "--method lora: rank must be a positive int"),
     ],
 )
-def test_sizes_of_another_method_or_bad_values_are_refused(settings, message):
+def test_sizes_of_another_method_are_refused(settings, message):
     with pytest.raises(SystemExit, match=message):
         adapter_config(settings.method, settings)
+
+
+def test_bad_sizes_are_refused_before_any_method_is_built():
+    with pytest.raises(ConfigError, match="--rank must be a positive int, got 0"):
+        TrainSettings(method="lora", rank=0)
+    with pytest.raises(ConfigError, match="unknown method 'dora'; choose from cdvft, lora"):
+        TrainSettings(method="dora")
 
 
 def test_method_defaults_and_flags_reach_the_configs():

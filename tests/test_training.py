@@ -10,7 +10,7 @@ from conftest import make_inputs, make_model
 
 import cdvft_jax
 from cdvft_jax import CDVFTConfig
-from cdvft_jax.params import flat_params
+from cdvft_jax.params import flat_params, unflat_params
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,28 @@ def test_eval_step_merges_the_trees(setup):
     np.testing.assert_array_equal(
         eval_step(trainable, frozen, batch), jax.jit(lambda p: adapted(**batch[0], params=p).logits)(params)
     )
+
+
+def test_the_step_reports_whether_loss_and_updated_weights_are_finite(setup):
+    _, adapted, params, batch, loss_fn, _ = setup
+    trainable, frozen = adapted.split(params)
+    optimizer = cdvft_jax.adapter_optimizer(adapted)
+    step = cdvft_jax.make_train_step(loss_fn, optimizer, donate=False)
+    state = cdvft_jax.init_train_state(trainable, optimizer)
+    _, metrics = step(state, frozen, batch, None)
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    # A finite loss with an infinite gradient: sqrt(b - b) is 0, and its slope at 0 is infinite.
+
+    def loss_with_an_infinite_slope(params, batch, rng):
+        bias = params["classifier"]["out_proj"]["bias"][0]
+        return loss_fn(params, batch, rng) + jax.numpy.sqrt(bias - jax.lax.stop_gradient(bias))
+
+    _, metrics = cdvft_jax.make_train_step(loss_with_an_infinite_slope, optimizer, donate=False)(
+        state, frozen, batch, None
+    )
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+    flat = flat_params(trainable)
+    leaf = next(p for p in flat if p.endswith("cdv_a_in"))
+    flat[leaf] = flat[leaf].at[0].set(np.nan)
+    _, metrics = step(cdvft_jax.init_train_state(unflat_params(flat), optimizer), frozen, batch, None)
+    assert not bool(metrics["finite"])

@@ -30,13 +30,17 @@ from train.data import DataError
 from train.loop import (
     METHODS,
     Batch,
+    ConfigError,
     Evaluation,
     RunConfig,
     TrainSettings,
     add_run_arguments,
     default_learning_rate,
+    digest,
     mesh_from_flag,
+    model_digest,
     prepare_output,
+    run_fingerprint,
     summary_table,
     train_and_evaluate,
     write_results,
@@ -70,6 +74,11 @@ class ImageConfig(RunConfig):
     epochs: int = 10
     output_dir: Path = Path("outputs/image")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.eval_fraction, bool) or not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be a number in (0, 1), got {self.eval_fraction!r}")
+
 
 def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageSet:
     """Images from ``folder/<class>/<file>``; classes sorted by name unless ``class_names`` is given.
@@ -89,6 +98,7 @@ def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) ->
         raise DataError(f"{folder}: classes {unknown} are not among the training classes {names}")
     images, labels = [], []
     for name in found:
+        before = len(images)
         for path in sorted((folder / name).iterdir()):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -98,6 +108,8 @@ def read_image_folder(folder: Path, class_names: Sequence[str] | None = None) ->
             except (OSError, ValueError) as e:
                 raise DataError(f"{path}: not a readable image ({e})") from e
             labels.append(names.index(name))
+        if len(images) == before:
+            raise DataError(f"{folder / name}: class folder without images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     if not images:
         raise DataError(f"{folder}: no images with extensions {IMAGE_EXTENSIONS}")
     return ImageSet(images, np.asarray(labels, np.int32), names)
@@ -215,6 +227,11 @@ def normalisation(model_path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
 
 
+def images_digest(data: ImageSet) -> str:
+    """A fingerprint of an image set: every image's pixels and size, the labels and the class names."""
+    return digest(*(np.asarray(image) for image in data.images), data.labels, data.class_names)
+
+
 def load_data(config: ImageConfig) -> tuple[ImageSet, ImageSet]:
     """Train and eval image sets for ``config``."""
     if config.image_dir is not None:
@@ -246,7 +263,10 @@ def run(config: ImageConfig) -> dict:
     size = model.config.image_size
     mean, std = normalisation(config.model)
 
-    log = prepare_output(config.output_dir, resume=config.resume)
+    fingerprint = run_fingerprint(
+        config, model=model_digest(config.model), train_data=images_digest(train), eval_data=images_digest(dev)
+    )
+    log = prepare_output(config.output_dir, resume=config.resume, overwrite=config.overwrite, fingerprint=fingerprint)
     settings = TrainSettings.from_config(config)
     evaluation = Evaluation(
         batches=lambda: batches(dev, config.batch_size, size, mean, std, rng=None),
@@ -308,7 +328,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
     args = p.parse_args(argv)
     if args.learning_rate is None:
         args.learning_rate = default_learning_rate(args.method)
-    return ImageConfig(**vars(args))
+    try:
+        return ImageConfig(**vars(args))
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -98,6 +101,20 @@ class TrainSettings:
     target_modules: tuple[str, ...] = ("query", "value")
     head_modules: tuple[str, ...] = ("classifier",)
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        _check_count(self.epochs, "epochs")
+        for name in ("block_size", "rank", "n_frequency", "max_steps"):
+            _check_count(getattr(self, name), name, optional=True)
+        _check_rate(self.learning_rate, "learning_rate", optional=True)
+        _check_rate(self.head_learning_rate, "head_learning_rate")
+        if self.alpha is not None:
+            _check_number(self.alpha, "alpha")
+        _check_number(self.weight_decay, "weight_decay", low=0.0)
+        _check_number(self.warmup_ratio, "warmup_ratio", low=0.0, below=1.0)
+        _check_count(self.seed, "seed", low=0)
+
     @classmethod
     def from_config(cls, config: Any) -> TrainSettings:
         """The settings named like attributes of a program's config; the others keep their defaults."""
@@ -115,7 +132,8 @@ class RunConfig(TrainSettings):
       max_eval_samples: evaluate on a fixed random subset of this size.
       output_dir: where ``metrics.jsonl``, ``results.json``, the adapter and checkpoints go.
       checkpoint_every: save the trainable state every N steps (and at the end).
-      resume: continue from the latest checkpoint in ``output_dir``.
+      resume: continue from the latest checkpoint in ``output_dir`` (its settings must be the same).
+      overwrite: replace the run already in ``output_dir`` (without it, a fresh run refuses one).
       mesh: ``--mesh``, e.g. ``"data=2,fsdp=4"``.
       coordinator: process 0's ``host:port`` in a multi-process run.
       num_processes: how many processes the run has.
@@ -128,10 +146,54 @@ class RunConfig(TrainSettings):
     output_dir: Path = Path("outputs")
     checkpoint_every: int | None = None
     resume: bool = False
+    overwrite: bool = False
     mesh: str | None = None
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_count(self.batch_size, "batch_size")
+        for name in ("max_train_samples", "max_eval_samples", "checkpoint_every", "num_processes"):
+            _check_count(getattr(self, name), name, optional=True)
+        _check_count(self.process_id, "process_id", low=0, optional=True)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
+
+
+class ConfigError(ValueError):
+    """A setting out of its range; the programs report it as a usage error naming the flag."""
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _check_count(value: Any, field: str, *, low: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ConfigError(f"{_flag(field)} must be {kind}, got {value!r}")
+
+
+def _check_number(value: Any, field: str, *, low: float | None = None, below: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        bounds = "" if low is None else f" in [{low:g}, {below:g})" if below is not None else f" >= {low:g}"
+        raise ConfigError(f"{_flag(field)} must be a finite number{bounds}, got {value!r}")
+
+
+def _check_rate(value: Any, field: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{_flag(field)} must be a finite number > 0, got {value!r}")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
@@ -147,6 +209,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) 
     p.add_argument("--output-dir", type=Path, default=default_output)
     p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
     multi = parser.add_argument_group(
         "multi-process runs",
@@ -158,16 +221,130 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) 
     multi.add_argument("--process-id", type=int, help="this process's index, from 0")
 
 
-def prepare_output(output_dir: Path, *, resume: bool) -> Path:
-    """Creates ``output_dir`` and returns its ``metrics.jsonl``, emptied unless the run resumes.
+# What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter")
+# Config fields that do not change what a run computes: where it writes, how it restarts, on which devices
+# (restoring onto another mesh is a feature).
+RUN_ONLY_FIELDS = frozenset(
+    {"output_dir", "resume", "overwrite", "checkpoint_every", "mesh", "coordinator", "num_processes", "process_id"}
+)
 
-    It asks JAX for the process index, so a multi-process run calls :func:`mesh_from_flag` first.
+
+def digest(*parts: Any) -> str:
+    """SHA-256 (hex) of arrays, strings and JSON-able values, in order: a stable fingerprint of data."""
+    sha = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            sha.update(f"{part.dtype.str}{part.shape}".encode())
+            sha.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, bytes):
+            sha.update(part)
+        else:
+            sha.update(json.dumps(part, sort_keys=True, default=str).encode())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+def model_digest(name_or_path: str) -> str:
+    """A local model folder's fingerprint (SHA-256 of ``config.json`` and of its files' names and sizes).
+
+    A hub name is returned as it is: the hub's own revision is out of this library's sight.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = output_dir / "metrics.jsonl"
-    if not resume and sharding.is_main_process():
-        log.unlink(missing_ok=True)
-    return log
+    root = Path(name_or_path)
+    if not (root / "config.json").is_file():
+        return name_or_path
+    sha = hashlib.sha256((root / "config.json").read_bytes())
+    sha.update(json.dumps(sorted((f.name, f.stat().st_size) for f in root.iterdir() if f.is_file())).encode())
+    return sha.hexdigest()
+
+
+def run_fingerprint(config: Any, **facts: Any) -> dict[str, Any]:
+    """What decides a run's trajectory: ``config``'s fields but :data:`RUN_ONLY_FIELDS`, plus ``facts``.
+
+    ``facts`` are what the fields do not pin down, e.g. ``model=model_digest(path)`` and digests of the
+    data actually read.  The result is JSON-normal (paths as strings, tuples as lists), as ``run.json``
+    stores it.
+    """
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_ONLY_FIELDS}
+    return json.loads(json.dumps({**fields, **facts}, sort_keys=True, default=str))
+
+
+def prepare_output(
+    output_dir: Path, *, resume: bool, overwrite: bool = False, fingerprint: dict[str, Any] | None = None
+) -> Path:
+    """Readies ``output_dir`` for a run and returns its ``metrics.jsonl``.
+
+    A fresh run (``resume=False``) refuses a folder that already holds a run (any of :data:`RUN_FILES`),
+    so two runs never mix, unless ``overwrite`` is set, which deletes that run first.  ``--resume`` into a
+    folder with a run compares ``fingerprint`` with the ``run.json`` stored there and refuses any
+    difference, naming the fields; into an empty folder it starts afresh.  A new run stores
+    ``fingerprint`` as ``run.json``.  Process 0 writes; every process checks.  It asks JAX for the process
+    index, so a multi-process run calls :func:`mesh_from_flag` first.
+
+    Raises:
+      SystemExit: the folder holds another run, or one with other settings.
+    """
+    present = [name for name in RUN_FILES if (output_dir / name).exists()]
+    record = output_dir / "run.json"
+    if resume and present:
+        if not record.exists():
+            raise SystemExit(
+                f"--resume: {output_dir} holds {', '.join(present)} but no run.json, so its settings cannot be "
+                "checked (a run of an older version?); start afresh with --overwrite"
+            )
+        if fingerprint is not None:
+            _check_same_run(json.loads(record.read_text()), fingerprint, output_dir)
+    elif present and not overwrite:
+        raise SystemExit(
+            f"{output_dir} already holds a run ({', '.join(present)}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+    _barrier("prepare_output checked")  # no process may see the folder change before every one has checked it
+    if sharding.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not (resume and present):
+            for name in present:
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if fingerprint is not None:
+                _write_atomically(record, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    _barrier("prepare_output written")
+    return output_dir / "metrics.jsonl"
+
+
+def _check_same_run(stored: dict[str, Any], fingerprint: dict[str, Any], output_dir: Path) -> None:
+    fields = sorted(set(stored) | set(fingerprint))
+    differ = [f for f in fields if stored.get(f, "<absent>") != fingerprint.get(f, "<absent>")]
+    if differ:
+        lines = "\n".join(
+            f"  {f}: {_short(stored.get(f, '<absent>'))} in the run, {_short(fingerprint.get(f, '<absent>'))} now"
+            for f in differ
+        )
+        raise SystemExit(
+            f"--resume: the run in {output_dir} was made with other settings; {len(differ)} differ:\n{lines}\n"
+            "resume with the run's settings, or start afresh with --overwrite"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    temporary.replace(path)
 
 
 def mesh_from_flag(
@@ -320,25 +497,40 @@ def evaluate(eval_step, trainable, frozen, evaluation: Evaluation) -> dict[str, 
     return evaluation.metrics(np.concatenate(predictions), evaluation.labels)
 
 
+class NonFiniteTraining(SystemExit):
+    """A step's loss or updated trainable weights were NaN or infinite; the run stops at that step."""
+
+
 class RunningLoss:
     """Sum and count of an epoch's step losses, read from the device only when asked for.
 
     Converting each step's loss to a Python float would make the host wait for every step
-    before it prepares the next batch; the losses are kept as device scalars until the
-    progress bar, a checkpoint or the epoch's end needs them.
+    before it prepares the next batch; the losses (and each step's ``finite`` flag) are kept as
+    device scalars until the progress bar, a checkpoint or the epoch's end needs them.  Reading
+    them stops the run at the first non-finite step, before anything of it is saved.
     """
 
     def __init__(self, total: float = 0.0, count: int = 0) -> None:
         self.total, self.count = total, count
-        self._pending: list[jax.Array] = []
+        self._pending: list[tuple[int, jax.Array, jax.Array]] = []
 
-    def add(self, loss: jax.Array) -> None:
-        """Records one step's loss without waiting for it."""
-        self._pending.append(loss)
+    def add(self, step: int, loss: jax.Array, finite: jax.Array) -> None:
+        """Records optimizer step ``step``'s loss and ``finite`` flag without waiting for them."""
+        self._pending.append((step, loss, finite))
 
     def settle(self) -> tuple[float, int]:
-        """``(sum, count)`` so far; waits for the pending steps."""
-        for loss in self._pending:  # in step order, so a resumed run sums exactly as a straight one
+        """``(sum, count)`` so far; waits for the pending steps.
+
+        Raises:
+          NonFiniteTraining: naming the first pending step whose loss or weights are not finite.
+        """
+        for step, loss, finite in self._pending:  # in step order, so a resumed run sums exactly as a straight one
+            if not bool(finite):
+                raise NonFiniteTraining(
+                    f"step {step}: the loss ({float(loss)}) or the updated weights are NaN or infinite; "
+                    "the run stops here and nothing of this step or later is saved (the last checkpoint "
+                    "stays). Lower the learning rate, or look for bad inputs or labels."
+                )
             self.total += float(loss)
             self.count += 1
         self._pending.clear()
@@ -474,7 +666,7 @@ def train_and_evaluate(
                         break
                     state, metrics = train_step(state, frozen, place(batch), jax.random.fold_in(dropout_key, step))
                     step += 1
-                    losses.add(metrics["loss"])
+                    losses.add(step, metrics["loss"], metrics["finite"])
                     position = functools.partial(losses.position, epoch, index + 1)
                     if checkpointer is not None:
                         checkpointer.maybe_save(step, state, dropout_key, position)
@@ -484,8 +676,8 @@ def train_and_evaluate(
                     bar.update(1)
                 if any(r["epoch"] == epoch for r in records):
                     continue  # evaluated before the restart
+                train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
                 result = evaluate(eval_step, state.trainable, frozen, evaluation)
-                train_loss = losses.mean()
                 records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
                 _append_jsonl(log_path, records[-1])
                 bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
@@ -495,6 +687,7 @@ def train_and_evaluate(
         if checkpointer is not None:
             checkpointer.close()  # waits for pending asynchronous saves
     seconds = time.perf_counter() - start
+    cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
     if adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
         cdvft_jax.save_adapter(adapter_dir, setup.adapted, state.trainable, base_model=base_model)
     best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
@@ -523,15 +716,27 @@ def _fmt(metrics: dict) -> str:
 
 
 def _logged_records(path: Path, method: str, step: int) -> list[dict]:
-    """``method``'s evaluations in ``path`` up to ``step``; the file is rewritten without the later ones."""
+    """``method``'s evaluations in ``path`` up to ``step``; the file is rewritten without the later ones.
+
+    A final line cut short by a kill mid-write is dropped with a message (its evaluation is redone);
+    a damaged line before the last is an error naming it.
+    """
     if not path.exists():
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in lines if r["method"] != method or r["step"] <= step]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise SystemExit(f"{path}:{number}: not a JSON record ({e}); the log is damaged") from e
+            print(f"{path}:{number}: dropping a torn last line (a write was cut short); it is redone", flush=True)
+    kept = [r for r in records if r["method"] != method or r["step"] <= step]
     if sharding.is_main_process():  # atomically: other processes may be reading the file
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        temporary.replace(path)
+        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     return [r for r in kept if r["method"] == method]
 
 
@@ -540,6 +745,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
         return  # one writer per run: process 0
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_results(
