@@ -1,0 +1,72 @@
+"""SIGKILL at any point of a run, then ``--resume``: the run ends bitwise as an uninterrupted one.
+
+Each case kills a real ``python -m train.text`` process (tests/fault_process.py) at one point: mid-training,
+while a checkpoint is being written, half-way through a log line, half-way through each adapter file.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from train import text
+
+HERE = Path(__file__).resolve().parent
+# (point, occurrence): the train step of state 5 (the last checkpoint is step 4), the second checkpoint
+# save (step 4) while it is written, the second log line (after epoch 1), each of the adapter's two files.
+FAULTS = [("step", 5), ("step", 11), ("checkpoint", 2), ("log", 2), ("adapter", 1), ("adapter", 2)]
+
+
+def flags(tmp_path: Path, tiny_model: Path, out: Path) -> list[str]:
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    rows = ["text,label"] + [f"{words[i % 6]} film {i},{'pos' if i % 6 < 3 else 'neg'}" for i in range(64)]
+    (tmp_path / "train.csv").write_text("\n".join(rows[:49]) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join([rows[0], *rows[49:]]) + "\n")
+    return [
+        *("--model", str(tiny_model), "--output-dir", str(out), "--task", "custom"),
+        *("--train-file", str(tmp_path / "train.csv"), "--eval-file", str(tmp_path / "dev.csv")),
+        *("--batch-size", "8", "--epochs", "2", "--max-length", "16", "--checkpoint-every", "2"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model) -> Path:
+    folder = tmp_path_factory.mktemp("straight")
+    out = folder / "out"
+    text.main(flags(folder, tiny_model, out))
+    return out
+
+
+def outcome(out: Path) -> tuple[dict[str, np.ndarray], list[dict], dict]:
+    tensors = safetensors.numpy.load_file(out / "adapter" / "adapter_model.safetensors")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    return tensors, log, {k: results[k] for k in ("best", "best_epoch", "before", "trainable_params")}
+
+
+@pytest.mark.parametrize(("point", "occurrence"), FAULTS)
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, straight, point, occurrence):
+    out = tmp_path / "out"
+    run_flags = flags(tmp_path, tiny_model, out)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    killed = subprocess.run(
+        [sys.executable, str(HERE / "fault_process.py"), point, str(occurrence), *run_flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    text.main([*run_flags, "--resume"])
+    tensors, log, results = outcome(out)
+    expected_tensors, expected_log, expected_results = outcome(straight)
+    assert log == expected_log and results == expected_results
+    assert tensors.keys() == expected_tensors.keys()
+    for key, value in expected_tensors.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)
