@@ -1,5 +1,6 @@
 """Exporting merged models: Flax and PyTorch checkpoints that reproduce the adapted model's logits."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -165,6 +166,8 @@ def test_batch_stats_are_refused():
 
 
 def test_the_library_never_imports_torch(tmp_path):
+    # Without torch installed the check below would hold trivially.
+    assert importlib.util.find_spec("torch") is not None, "torch (a test dependency) is not installed"
     code = (
         "import sys, numpy as np, cdvft_jax, cdvft_jax.export\n"
         "assert 'torch' not in sys.modules\n"
@@ -265,3 +268,30 @@ def test_cli_reports_unusable_inputs(tmp_path, capsys):
     assert main(["--adapter", str(adapter), *out]) == 1
     assert f"found in directory {missing}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        cdvft_jax.LoRAConfig(rank=4, alpha=8.0, modules_to_save=["classifier"]),
+        cdvft_jax.VeRAConfig(rank=8, modules_to_save=["classifier"]),
+        cdvft_jax.FourierFTConfig(n_frequency=50, alpha=40.0, modules_to_save=["classifier"]),
+    ],
+    ids=lambda c: c.method,
+)
+def test_every_baseline_exports_to_torch_with_the_adapted_logits(config, tmp_path):
+    pytest.importorskip("torch", reason=TORCH_SKIP)
+    model = make_model("roberta")
+    adapted = cdvft_jax.inject(model, config)
+    flat = flat_params(adapted.init(jax.random.key(1), model.params))
+    rng = np.random.default_rng(0)
+    for path, leaf in flat.items():  # every trainable adapter leaf random (LoRA's B starts at zero)
+        if adapted.is_adapter_leaf(path) and adapted.is_trainable(path):
+            flat[path] = jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32)
+    params = unflat_params(flat)
+    inputs, _ = make_inputs("roberta")
+    logits = np.asarray(adapted(**inputs, params=params).logits)
+    # The adapter moves the logits by over 1% of their scale: 1,000 times the tolerance of the match below.
+    assert np.abs(logits - np.asarray(model(**inputs).logits)).max() > 1e-2 * np.abs(logits).max()
+    out = save_merged_torch(model, adapted.merge(params), tmp_path / "torch")
+    assert_close(torch_logits(load_torch(out, "roberta"), "roberta", inputs), logits, rtol=1e-4)

@@ -1,5 +1,8 @@
 """The baseline methods (LoRA, VeRA, FourierFT) on the shared machinery, against float64 NumPy references."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,3 +287,64 @@ def test_configs_round_trip_through_json_and_refuse_another_method(name):
     assert type(config).from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="expected a 'cdvft' config"):
         CDVFTConfig.from_json(config.to_json())
+
+
+class TwoDense(nn.Module):
+    """``b(a(x))``: two Dense layers of different shapes, for merge against an explicit computation."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(24, name="b")(nn.Dense(16, name="a")(x))
+
+
+def cdvft_reference(p, d_in, d_out, c):
+    from test_cdv import dense_reference
+
+    return dense_reference([p["cdv_a_in"], p["cdv_a_out"]], [p["cdv_c"]])
+
+
+MERGE_CASES = {
+    "cdvft": (cdvft_jax.CDVFT, CDVFTConfig(target_modules=["a", "b"], alpha=0.5), cdvft_reference),
+    **{
+        name: (method, dataclasses.replace(config, target_modules=["a", "b"]), reference)
+        for name, (method, config, reference) in REFERENCES.items()
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGE_CASES))
+def test_merged_and_adapted_outputs_equal_x_w_plus_b_plus_scaled_delta_with_per_layer_alpha(name):
+    """y = x @ W + b + s * x @ dW per layer, in float64, with s from the method (LoRA: alpha / rank) and
+    layer ``b``'s alpha overridden: the adapted module and the plain module on merged kernels both give it."""
+    method, config, reference = MERGE_CASES[name]
+    config = dataclasses.replace(config, overrides={"b": {"alpha": 3.0}})
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    module = TwoDense()
+    base = module.init(jax.random.key(0), x)["params"]
+    adapted = cdvft_jax.inject(module, config, x)
+    flat = flat_params(adapted.init(jax.random.key(1), base))
+    for layer, (d_in, d_out) in {"a": (8, 16), "b": (16, 24)}.items():
+        layer_config = adapted.layers[layer].config
+        for leaf, value in random_leaves(method, layer_config, d_in, d_out, seed=ord(layer)).items():
+            if leaf not in method.frozen_leaves:
+                flat[f"{layer}/{leaf}"] = value
+    params = unflat_params(flat)
+
+    def scale(layer_alpha, layer_config):
+        return layer_alpha / layer_config.rank if name == "lora" else layer_alpha
+
+    h = x.astype(F64)
+    for layer, (d_in, d_out), alpha in (("a", (8, 16), config.alpha), ("b", (16, 24), 3.0)):
+        leaves = {n: np.asarray(flat[f"{layer}/{n}"], F64) for n in adapted.layers[layer].param_shapes}
+        delta_w = reference(leaves, d_in, d_out, adapted.layers[layer].config)
+        kernel, bias = (np.asarray(flat[f"{layer}/{n}"], F64) for n in ("kernel", "bias"))
+        h = h @ kernel + bias + scale(alpha, adapted.layers[layer].config) * (h @ delta_w)
+    expected = h
+    tolerance = 2e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(adapted(jnp.asarray(x), params=params), expected, rtol=0, atol=tolerance)
+    merged = adapted.merge(params)
+    np.testing.assert_allclose(module.apply({"params": merged}, x), expected, rtol=0, atol=tolerance)
+    # The override matters: with layer b at the base alpha the output is measurably different.
+    same_alpha = dataclasses.replace(config, overrides={})
+    plain = cdvft_jax.inject(module, same_alpha, x)
+    assert np.abs(np.asarray(plain(jnp.asarray(x), params=params)) - expected).max() > 100 * tolerance

@@ -426,10 +426,6 @@ def test_maybe_initialize_distributed_passes_the_process_flags(monkeypatch: pyte
     ]
 
 
-def test_single_process_is_main() -> None:
-    assert sharding.is_main_process()
-
-
 # ---------------------------------------------------------------------------
 # Two processes x 4 CPU devices (each runs this file with --process PROCESS_ID).
 
@@ -438,6 +434,7 @@ def _process_worker(process_id: int) -> dict[str, str]:
     """Batch rows and placement on a 2-process mesh; the coordinator is in ``JAX_COORDINATOR_ADDRESS``."""
     assert sharding.maybe_initialize_distributed(num_processes=2, process_id=process_id)
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4), jax.devices()
+    assert sharding.is_main_process() == (process_id == 0)  # one writer per run
     results: dict[str, str] = {}
     batch = {"ids": np.arange(16 * 3).reshape(16, 3), "labels": np.arange(16) % 5}
 

@@ -128,21 +128,33 @@ def test_frozen_weights_are_an_argument_not_a_compiled_constant(setup):
 def test_init_train_state_copies_so_donation_spares_the_callers_arrays(setup):
     model, adapted, params, batch, loss_fn, _ = setup
     trainable, frozen = adapted.split(params)
+    head_kernel = model.params["classifier"]["out_proj"]["kernel"]
+    before = np.array(head_kernel)
     optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-2)
     state = cdvft_jax.init_train_state(trainable, optimizer)
-    cdvft_jax.make_train_step(loss_fn, optimizer)(state, frozen, batch, jax.random.key(0))
-    # The head arrays are shared with model.params; they must still be readable.
-    np.asarray(model.params["classifier"]["out_proj"]["kernel"])
-    np.asarray(trainable["classifier"]["out_proj"]["kernel"])
+    new_state, _ = cdvft_jax.make_train_step(loss_fn, optimizer)(state, frozen, batch, jax.random.key(0))
+    # The step donated (deleted) the state it was given, but not the caller's arrays it was built from:
+    # the head arrays shared with model.params are alive and unchanged, while the new state's head moved.
+    donated = state.trainable["classifier"]["out_proj"]["kernel"]
+    assert donated.is_deleted()
+    for leaf in (head_kernel, trainable["classifier"]["out_proj"]["kernel"]):
+        assert not leaf.is_deleted()
+        np.testing.assert_array_equal(np.asarray(leaf), before)
+    assert np.abs(np.asarray(new_state.trainable["classifier"]["out_proj"]["kernel"]) - before).max() > 1e-4
 
 
 def test_eval_step_merges_the_trees(setup):
-    _, adapted, params, batch, _, _ = setup
+    model, _, _, batch, _, _ = setup
+    adapted = cdvft_jax.inject(model, CDVFTConfig(modules_to_save=["classifier"], init="random"))
+    params = adapted.init(jax.random.key(3), model.params)
     trainable, frozen = adapted.split(params)
     eval_step = cdvft_jax.make_eval_step(lambda p, b: adapted(**b[0], params=p).logits)
-    np.testing.assert_array_equal(
-        eval_step(trainable, frozen, batch), jax.jit(lambda p: adapted(**batch[0], params=p).logits)(params)
-    )
+    got = eval_step(trainable, frozen, batch)
+    # Independently: the unmodified model on kernels with the adapters folded in.
+    merged = model(**batch[0], params=adapted.merge(params)).logits
+    np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-6)
+    base = model(**batch[0], params=model.params).logits
+    assert np.abs(np.asarray(got) - np.asarray(base)).max() > 100 * 1e-6  # random init moves the logits
 
 
 def test_the_step_reports_whether_loss_and_updated_weights_are_finite(setup):

@@ -379,7 +379,12 @@ class MethodSetup(NamedTuple):
 
 
 def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
+    """Linear warm-up over ``warmup_ratio`` of the steps (at least one), then linear decay to zero.
+
+    >>> rates = schedule(1.0, total_steps=10, warmup_ratio=0.2)
+    >>> [round(float(rates(step)), 3) for step in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
     warmup = max(1, round(warmup_ratio * total_steps))
     return optax.join_schedules(
         [
