@@ -348,3 +348,33 @@ def test_merged_and_adapted_outputs_equal_x_w_plus_b_plus_scaled_delta_with_per_
     same_alpha = dataclasses.replace(config, overrides={})
     plain = cdvft_jax.inject(module, same_alpha, x)
     assert np.abs(np.asarray(plain(jnp.asarray(x), params=params)) - expected).max() > 100 * tolerance
+
+
+def test_merge_and_unmerge_of_bfloat16_kernels_round_once_and_keep_the_dtype():
+    """Folding happens in float32 and the result is rounded to the kernel's bfloat16 once: every merged
+    weight is within one bfloat16 rounding (2**-8 relative) of the float64 ``W + s * dW``, and unmerging
+    comes back to W within two roundings."""
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    module = TwoDense()
+    base = jax.tree.map(lambda a: a.astype(jnp.bfloat16), module.init(jax.random.key(0), x)["params"])
+    config = CDVFTConfig(target_modules=["a", "b"], alpha=0.5)
+    adapted = cdvft_jax.inject(module, config, x)
+    flat = flat_params(adapted.init(jax.random.key(1), base))
+    for layer, (d_in, d_out) in {"a": (8, 16), "b": (16, 24)}.items():
+        leaves = random_leaves(cdvft_jax.CDVFT, adapted.layers[layer].config, d_in, d_out, seed=ord(layer))
+        flat.update({f"{layer}/{name}": value for name, value in leaves.items()})
+    params = unflat_params(flat)
+    merged = flat_params(adapted.merge(params))
+    unmerged = flat_params(adapted.unmerge(adapted.merge(params), adapted.adapter_params(params)))
+    for layer in ("a", "b"):
+        kernel = np.asarray(flat[f"{layer}/kernel"], F64)
+        leaves = {n: np.asarray(flat[f"{layer}/{n}"], F64) for n in adapted.layers[layer].param_shapes}
+        expected = kernel + 0.5 * cdvft_reference(leaves, *kernel.shape, config)
+        got = merged[f"{layer}/kernel"]
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, F64), expected, rtol=2.0**-8, atol=1e-30)
+        assert np.abs(np.asarray(got, F64) - kernel).max() > 10 * 2.0**-8 * np.abs(kernel).max()  # dW shows
+        back = unmerged[f"{layer}/kernel"]
+        assert back.dtype == jnp.bfloat16
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(back, F64), kernel, rtol=0, atol=2 * 2.0**-8 * scale)

@@ -228,6 +228,57 @@ def _worker() -> dict[str, str]:
         assert dict(sharding.make_mesh(sharding.parse_mesh(None)).shape) == {"data": 8, "fsdp": 1}
 
     check(errors_name_the_sizes)
+
+    def baselines_with_dropout_on_fsdp_match_one_device():
+        """LoRA with dropout and VeRA (frozen shared projections) train the same on data=2,fsdp=4 as on
+        one device: the dropout masks come from the same keys whatever the sharding."""
+        mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=4"))
+        for config in (
+            cdvft_jax.LoRAConfig(rank=4, dropout=0.1, modules_to_save=["classifier"]),
+            cdvft_jax.VeRAConfig(rank=8, dropout=0.1, modules_to_save=["classifier"]),
+        ):
+            method_adapted = cdvft_jax.inject(model, config)
+            method_trainable, method_frozen = method_adapted.split(method_adapted.init(jax.random.key(0), model.params))
+            method_optimizer = cdvft_jax.adapter_optimizer(
+                method_adapted, adapter_learning_rate=1e-2, head_learning_rate=1e-2
+            )
+
+            def dropout_loss(params, batch, rng, method_adapted=method_adapted):
+                inputs, labels = batch
+                logits = method_adapted(**inputs, params=params, train=True, dropout_rng=rng).logits
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+            one_step = cdvft_jax.make_train_step(dropout_loss, method_optimizer)
+            one_state = cdvft_jax.init_train_state(method_trainable, method_optimizer)
+            frozen_sharded = sharding.shard_params(
+                method_frozen, sharding.frozen_partition_specs(method_frozen, mesh, min_size=MIN_SIZE), mesh
+            )
+            state_shardings = sharding.state_shardings_for(one_state, mesh)
+            mesh_step = sharding.make_sharded_train_step(
+                dropout_loss,
+                method_optimizer,
+                mesh,
+                state_shardings,
+                sharding.shardings_of(frozen_sharded),
+                NamedSharding(mesh, sharding.batch_spec()),
+            )
+            mesh_state = jax.device_put(cdvft_jax.init_train_state(method_trainable, method_optimizer), state_shardings)
+            batch = sharding.shard_batch(host_batch, mesh)
+            for k in range(3):
+                one_state, one_metrics = one_step(one_state, method_frozen, host_batch, jax.random.key(k))
+                mesh_state, mesh_metrics = mesh_step(mesh_state, frozen_sharded, batch, jax.random.key(k))
+                np.testing.assert_allclose(float(mesh_metrics["loss"]), float(one_metrics["loss"]), rtol=1e-5)
+            assert any(  # the frozen base really is split over fsdp
+                not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(frozen_sharded)
+            )
+            close(mesh_state.trainable, one_state.trainable)
+            moved = [
+                np.abs(np.asarray(a) - np.asarray(b)).max()
+                for a, b in zip(jax.tree.leaves(one_state.trainable), jax.tree.leaves(method_trainable), strict=True)
+            ]
+            assert min(moved) > 1e-4, config.method  # every trainable leaf moved
+
+    check(baselines_with_dropout_on_fsdp_match_one_device)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return results
 
@@ -244,6 +295,7 @@ WORKER_CHECKS = [
     ),
     "resume_on_other_meshes_matches_uninterrupted_run",
     "errors_name_the_sizes",
+    "baselines_with_dropout_on_fsdp_match_one_device",
 ]
 
 

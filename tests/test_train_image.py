@@ -107,3 +107,42 @@ def test_transforms_give_the_model_size_and_are_reproducible():
     pixels = image.to_pixels([center], np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32))
     assert pixels.shape == (1, 3, 8, 8) and pixels.dtype == np.float32
     np.testing.assert_allclose(pixels[0, :, 0, 0], (np.asarray(center)[0, 0] / 255.0 - 0.5) / 0.5, rtol=1e-6)
+
+
+def test_resume_after_an_interruption_is_bitwise_the_straight_run(tmp_path, tiny_vit, monkeypatch, capsys):
+    """Random crops and flips come from (seed, epoch) and the skipped batches are still drawn, so a resumed
+    run sees the same augmented images and ends on the same bits."""
+    import safetensors.numpy
+
+    import cdvft_jax
+
+    flags = ("--dataset", "digits", "--max-train-samples", "64", "--max-eval-samples", "32")
+    flags += ("--epochs", "2", "--checkpoint-every", "3")
+    straight, straight_records = run(tmp_path / "straight", tiny_vit, *flags)
+    real_make_train_step = cdvft_jax.make_train_step
+
+    def make_interrupted_step(*args, **kwargs):
+        step = real_make_train_step(*args, **kwargs)
+
+        def interrupted(state, *rest):
+            if int(state.step) == 5:  # the last checkpoint is step 3, in the first epoch
+                raise KeyboardInterrupt
+            return step(state, *rest)
+
+        return interrupted
+
+    monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", tiny_vit, *flags)
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed, resumed_records = run(tmp_path / "resumed", tiny_vit, *flags, "--resume")
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert resumed_records == straight_records and resumed["best"] == straight["best"]
+    tensors = [
+        safetensors.numpy.load_file(tmp_path / name / "out" / "adapter" / "adapter_model.safetensors")
+        for name in ("straight", "resumed")
+    ]
+    assert tensors[0].keys() == tensors[1].keys()
+    for key, value in tensors[0].items():
+        np.testing.assert_array_equal(tensors[1][key], value, err_msg=key)
