@@ -73,12 +73,14 @@ def _worker() -> dict[str, str]:
         logits = adapted(**inputs, params=params).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def close(actual, desired) -> None:
-        jax.tree.map(
-            lambda a, d: np.testing.assert_allclose(np.asarray(a), np.asarray(d), rtol=1e-5, atol=1e-6),
-            actual,
-            desired,
-        )
+    def close(actual, desired, scaled_atol: float = 1e-6) -> None:
+        # Relative to each leaf's own scale: Adam's second moments are ~1e-7, below any fixed atol.
+        def leaf_close(a, d):
+            d = np.asarray(d)
+            atol = scaled_atol * float(np.abs(d).max(initial=0.0))
+            np.testing.assert_allclose(np.asarray(a), d, rtol=1e-5, atol=atol)
+
+        jax.tree.map(leaf_close, actual, desired)
 
     # The single-device reference: 5 steps of the plain make_train_step.
     ref_step = cdvft_jax.make_train_step(loss_fn, optimizer)
@@ -271,7 +273,9 @@ def _worker() -> dict[str, str]:
             assert any(  # the frozen base really is split over fsdp
                 not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(frozen_sharded)
             )
-            close(mesh_state.trainable, one_state.trainable)
+            # Sharded reductions sum in another order, and Adam's g / sqrt(v) passes those last-bit
+            # differences on in full for near-zero gradients: measured 6.4e-8 at leaf scales <= 0.064.
+            close(mesh_state.trainable, one_state.trainable, scaled_atol=1e-5)
             moved = [
                 np.abs(np.asarray(a) - np.asarray(b)).max()
                 for a, b in zip(jax.tree.leaves(one_state.trainable), jax.tree.leaves(method_trainable), strict=True)
