@@ -35,7 +35,7 @@ from cdvft_jax.cdv import (
     valid_block_sizes,
 )
 from cdvft_jax.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
-from cdvft_jax.checkpoint import CorruptCheckpointError, TrainingCheckpointer
+from cdvft_jax.checkpoint import CheckpointWriteError, CorruptCheckpointError, TrainingCheckpointer
 from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
 from cdvft_jax.fourierft import FOURIERFT, FOURIERFT_INIT_SCHEMES, FourierFTConfig, spectral_positions
 from cdvft_jax.injection import (
@@ -75,6 +75,7 @@ __all__ = [
     "CDVDense",
     "CDVFTConfig",
     "CDVShape",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "DenseLayer",
     "FourierFTConfig",

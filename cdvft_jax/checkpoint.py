@@ -21,9 +21,10 @@ Each checkpoint is a step directory written by ``orbax.checkpoint``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +35,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from cdvft_jax.training import TrainState
 
-__all__ = ["CorruptCheckpointError", "TrainingCheckpointer"]
+__all__ = ["CheckpointWriteError", "CorruptCheckpointError", "TrainingCheckpointer"]
 
 # A checksum record maps a leaf's key path to {"crc32", "dtype", "shape"}.
 _Record = dict[str, dict[str, Any]]
@@ -42,6 +43,10 @@ _Record = dict[str, dict[str, Any]]
 
 class CorruptCheckpointError(RuntimeError):
     """A finalized checkpoint step is incomplete or its arrays do not match their checksums."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say); the steps finalized before it stay loadable."""
 
 
 def _is_typed_key(rng: jax.Array) -> bool:
@@ -185,6 +190,10 @@ class TrainingCheckpointer:
         if callable(data_position):
             data_position = data_position()
         rng_tree = _rng_tree(rng)
+        with self._naming_write_errors():
+            return self._save(step, state, rng_tree, data_position)
+
+    def _save(self, step: int, state: TrainState, rng_tree: Any, data_position: Mapping[str, Any]) -> bool:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -254,12 +263,40 @@ class TrainingCheckpointer:
         return restored.state, rng, restored.data
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk (and re-raises their errors)."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk.
+
+        Raises:
+          CheckpointWriteError: if a pending save failed (e.g. the disk is full).
+        """
+        with self._naming_write_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager's threads."""
-        self._manager.close()
+        """Waits for pending saves and releases the manager's threads.
+
+        Raises:
+          CheckpointWriteError: if a pending save failed (e.g. the disk is full).
+        """
+        with self._naming_write_errors():
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _naming_write_errors(self) -> Iterator[None]:
+        # An asynchronous save fails in its thread; Orbax re-raises the error at the next save or wait.
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, CheckpointWriteError):
+                raise
+            steps = sorted(self._finalized_steps())
+            kept = f"steps {', '.join(map(str, steps))} stay loadable" if steps else "no earlier step was saved"
+            raise CheckpointWriteError(
+                f"could not write a checkpoint in {self.directory}: {e}; the step being written is discarded and "
+                f"{kept}. Free space (or fix the folder) and resume."
+            ) from e
+
+    def _finalized_steps(self) -> list[int]:
+        return [int(p) for p in os.listdir(self.directory) if p.isdigit()] if os.path.isdir(self.directory) else []
 
     def __enter__(self) -> TrainingCheckpointer:
         return self

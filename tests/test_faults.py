@@ -4,6 +4,7 @@ Each case kills a real ``python -m train.text`` process (tests/fault_process.py)
 while a checkpoint is being written, half-way through a log line, half-way through each adapter file.
 """
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import cdvft_jax
 from train import text
 
 HERE = Path(__file__).resolve().parent
@@ -68,5 +70,35 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path, tin
     expected_tensors, expected_log, expected_results = outcome(straight)
     assert log == expected_log and results == expected_results
     assert tensors.keys() == expected_tensors.keys()
+    for key, value in expected_tensors.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_the_run_resumes_from_the_last_good_one(
+    tmp_path, tiny_model, straight, monkeypatch
+):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    real_save = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+    calls = 0
+
+    def fills_up(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls >= 3:  # each checkpoint writes two JSON items: the second checkpoint finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", fills_up)
+    out = tmp_path / "out"
+    run_flags = flags(tmp_path, tiny_model, out)
+    with pytest.raises(cdvft_jax.CheckpointWriteError, match=r"No space left on device.*steps 2 stay loadable"):
+        text.main(run_flags)
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    monkeypatch.undo()
+    text.main([*run_flags, "--resume"])
+    tensors, log, results = outcome(out)
+    expected_tensors, expected_log, expected_results = outcome(straight)
+    assert log == expected_log and results == expected_results
     for key, value in expected_tensors.items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
