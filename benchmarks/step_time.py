@@ -99,6 +99,7 @@ import optax
 
 import cdvft_jax
 from cdvft_jax import TrainState
+from cdvft_jax.params import Params
 
 MODELS = ("roberta-base", "vit-base")
 BASELINE_METHODS = ("full", "head", "floor")
@@ -118,7 +119,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # fork.  A bare Python in between forks the measured child, so its peak is its own.
 RSS_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
-Params = Mapping[str, Any]
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch, jax.Array], jax.Array]
 

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from cdvft_jax._version import __version__
 from cdvft_jax.config import config_from_dict
 from cdvft_jax.injection import AdaptedModel, inject
-from cdvft_jax.params import check_finite, flat_params, non_finite_leaves, unflat_params
+from cdvft_jax.params import Params, check_finite, flat_params, non_finite_leaves, unflat_params
 
 __all__ = [
     "CONFIG_NAME",
@@ -76,7 +76,6 @@ _REQUIRED_KEYS = (
 )
 _SHOWN = 8  # keys listed in an error message before "... and N more"
 
-Params = Mapping[str, Any]
 Shape = tuple[int, ...]
 
 

@@ -28,7 +28,7 @@ import argparse
 import copy
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from cdvft_jax.adapter_io import SHARED_FILE_MODE
-from cdvft_jax.params import check_finite, flat_params
+from cdvft_jax.params import Params, check_finite, flat_params
 
 __all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
 
-Params = Mapping[str, Any]
 
 TORCH_WEIGHTS_NAME = "model.safetensors"
 """The weights file :func:`save_merged_torch` writes, the name transformers' PyTorch loader looks for."""

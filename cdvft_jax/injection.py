@@ -37,12 +37,10 @@ import flax.linen as nn
 import jax
 
 from cdvft_jax.config import AdapterConfig, matches, matches_within
+from cdvft_jax.params import Params, count_params, flat_params, merge_params, split_params, unflat_params
 from cdvft_jax.params import check_finite as check_finite_params
-from cdvft_jax.params import count_params, flat_params, merge_params, split_params, unflat_params
 
 __all__ = ["AdaptedLayer", "AdaptedModel", "DenseLayer", "TrainableSummary", "find_dense_layers", "inject"]
-
-Params = Mapping[str, Any]
 
 
 class DenseLayer(NamedTuple):

@@ -17,6 +17,7 @@ from flax.core import unfreeze
 
 __all__ = [
     "NonFiniteError",
+    "Params",
     "check_finite",
     "count_params",
     "flat_params",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 Params = Mapping[str, Any]
+"""A parameter tree: nested mappings of arrays (Flax's ``params`` collection), the one alias of the library."""
 
 
 def flat_params(params: Params) -> dict[str, Any]:

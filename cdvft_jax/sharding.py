@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cdvft_jax.params import Params
 from cdvft_jax.training import LossFn, TrainState, make_train_step
 
 __all__ = [
@@ -73,8 +74,6 @@ __all__ = [
 
 MESH_AXES: tuple[str, str] = ("data", "fsdp")
 """The mesh axis names, outermost first: pure data parallelism, then FSDP."""
-
-Params = Mapping[str, Any]
 
 
 def _is_spec(x: Any) -> bool:

@@ -21,7 +21,7 @@ as slow as full fine-tuning (measured on this project's CPU):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from cdvft_jax.injection import AdaptedModel
-from cdvft_jax.params import merge_params
+from cdvft_jax.params import Params, merge_params
 
 __all__ = [
     "TrainState",
@@ -40,7 +40,6 @@ __all__ = [
     "single_tree_optimizer",
 ]
 
-Params = Mapping[str, Any]
 ScalarOrSchedule = float | optax.Schedule
 
 
