@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from benchmarks.step_time import host_info, log, names_parser
 from train import text
 from train.data import Example, TaskSpec, find_task
-from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, model_digest, train_and_evaluate
+from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, train_and_evaluate
 from train.metrics import compute_metrics
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -252,10 +253,19 @@ def scaled(spec: RunSpec, factor: float) -> RunSpec:
     return spec._replace(learning_rate=spec.learning_rate * factor)
 
 
+def model_fingerprint(folder: str) -> str:
+    """SHA-256 of a model folder's ``config.json`` and of its files' names and sizes: what the suite's
+    JSON records are keyed on (unlike a run's ``model_digest``, it reads no weights)."""
+    root = Path(folder)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    digest.update(json.dumps(sorted((f.name, f.stat().st_size) for f in root.iterdir() if f.is_file())).encode())
+    return digest.hexdigest()
+
+
 def setup_of(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of a JSON shares beyond its key: the model, the batch, the data and the task budgets."""
     return {
-        "model": model_digest(args.model),
+        "model": model_fingerprint(args.model),
         "batch_size": args.batch_size,
         "max_train_samples": args.max_train_samples,
         "tasks": {name: dataclasses.asdict(budget) for name, budget in TASKS.items()},

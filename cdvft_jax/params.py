@@ -101,8 +101,12 @@ def non_finite_leaves(params: Params) -> list[str]:
     for path, leaf in flat_params(params).items():
         if isinstance(leaf, jax.core.Tracer):
             raise TypeError(f"cannot read leaf {path!r} for a finite-value check inside a traced function (jit, grad)")
-        dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
-        if jax.numpy.issubdtype(dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(leaf).all()):
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            continue
+        # NumPy leaves are checked on the host, device arrays where they live (one scalar comes back).
+        finite = np.isfinite(leaf).all() if isinstance(leaf, np.ndarray) else jax.numpy.isfinite(leaf).all()
+        if not bool(finite):
             bad.append(path)
     return bad
 

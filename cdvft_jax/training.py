@@ -184,8 +184,8 @@ def make_train_step(
       donate: donate the old state's buffers to the new one.
 
     Returns:
-      The jitted step; ``metrics`` holds ``loss`` and ``finite`` (a boolean scalar: the loss and every
-      updated trainable weight are finite).
+      The jitted step; ``metrics`` holds ``loss`` and ``finite`` (a boolean scalar: the loss, every
+      updated trainable weight and the optimizer state are finite).
     """
 
     def train_step(state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
@@ -197,8 +197,10 @@ def make_train_step(
         trainable = optax.apply_updates(state.trainable, updates)
         # No gradient norm is reported: over a single params tree it would read
         # every frozen gradient and keep XLA from pruning them.  A non-finite
-        # gradient shows in the updated weights, so those are checked instead.
-        finite = jnp.isfinite(loss) & _all_finite(trainable)
+        # gradient shows in the updated weights and optimizer state (Adam's
+        # second moment can overflow while the weights stay finite), so those
+        # are checked instead.
+        finite = jnp.isfinite(loss) & _all_finite(trainable) & _all_finite(opt_state)
         return TrainState(state.step + 1, trainable, opt_state), {"loss": loss, "finite": finite}
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())

@@ -73,6 +73,14 @@ def test_resume_with_other_settings_names_every_field_that_differs(tmp_path, tin
     message = str(caught.value)
     assert "2 differ" in message
     assert "learning_rate: 0.005 in the run, 0.01 now" in message and "seed: 0 in the run, 2 now" in message
+    # The data may move: the same content at another path resumes (and finishes) the run.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("train.csv", "dev.csv"):
+        (moved / name).write_bytes((tmp_path / name).read_bytes())
+    moved_flags = [str(moved / Path(f).name) if f.endswith(".csv") else f for f in csv_task]
+    run_text(tiny_model, out, *moved_flags, "--max-steps", "6", "--resume")
+    assert [r["step"] for r in records(out)] == [0, 6]
     # A different training file is a different run too, though every flag is the same.
     (tmp_path / "train.csv").write_text((tmp_path / "train.csv").read_text().replace("good", "nice"))
     with pytest.raises(SystemExit, match="1 differ:\n  train_data: "):
@@ -142,6 +150,8 @@ def _tiny_classifier(tiny_model: Path):
         (["--seed", "-1"], "--seed must be an int >= 0, got -1"),
         (["--rank", "0", "--method", "lora"], "--rank must be a positive int, got 0"),
         (["--resume", "--overwrite"], "give one"),
+        (["--max-length", "1"], "--max-length must be an int >= 2"),
+        (["--rank", "8"], "--rank does not apply to --method cdvft"),
     ],
 )
 def test_bad_flags_are_usage_errors_naming_the_flag(flags, message, capsys):
@@ -181,3 +191,21 @@ def test_a_max_length_or_tokenizer_the_model_cannot_embed_is_refused(tiny_model)
     tokenizer.pad_token = None
     with pytest.raises(SystemExit, match="the tokenizer has no pad token"):
         text.check_model_fits(config, tokenizer, 64)
+
+
+def test_a_run_that_stopped_before_any_progress_does_not_block_the_folder(tmp_path, tiny_model, csv_task):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"seed": 7}')  # e.g. a run whose data failed to load after this was written
+    (out / "metrics.jsonl").write_text('{"method": "cdvft", "step": 0, "epoch": 0, "train_loss": null}\n')
+    run_text(tiny_model, out, *csv_task, "--max-steps", "2")
+    assert json.loads((out / "run.json").read_text())["seed"] == 0
+    assert [r["step"] for r in records(out)] == [0, 2]
+
+
+def test_a_damaged_run_record_is_named(tmp_path, tiny_model, csv_task):
+    out = tmp_path / "out"
+    run_text(tiny_model, out, *csv_task, "--max-steps", "2")
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--resume: .*run.json is damaged"):
+        run_text(tiny_model, out, *csv_task, "--max-steps", "2", "--resume")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -228,8 +229,16 @@ def normalisation(model_path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def images_digest(data: ImageSet) -> str:
-    """A fingerprint of an image set: every image's pixels and size, the labels and the class names."""
-    return digest(*(np.asarray(image) for image in data.images), data.labels, data.class_names)
+    """A fingerprint of an image set: every image's pixels and size, the labels and the class names.
+
+    The images are hashed one at a time, so no second copy of the set is ever held.
+    """
+    sha = hashlib.sha256()
+    for image in data.images:
+        sha.update(f"{image.size}{image.mode}".encode())
+        sha.update(image.tobytes())
+    sha.update(digest(data.labels, data.class_names).encode())
+    return sha.hexdigest()
 
 
 def load_data(config: ImageConfig) -> tuple[ImageSet, ImageSet]:
@@ -263,6 +272,8 @@ def run(config: ImageConfig) -> dict:
     size = model.config.image_size
     mean, std = normalisation(config.model)
 
+    if len(train.images) < config.batch_size:
+        raise SystemExit(f"{len(train.images)} training images do not fill one batch of {config.batch_size}")
     fingerprint = run_fingerprint(
         config, model=model_digest(config.model), train_data=images_digest(train), eval_data=images_digest(dev)
     )

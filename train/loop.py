@@ -10,6 +10,7 @@ text or images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 import cdvft_jax
 from cdvft_jax import sharding
-from cdvft_jax.checkpoint import TrainingCheckpointer
+from cdvft_jax.checkpoint import CheckpointWriteError, TrainingCheckpointer
 from cdvft_jax.config import matches_within
 
 ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
@@ -114,6 +115,11 @@ class TrainSettings:
         _check_number(self.weight_decay, "weight_decay", low=0.0)
         _check_number(self.warmup_ratio, "warmup_ratio", low=0.0, below=1.0)
         _check_count(self.seed, "seed", low=0)
+        if self.method in _METHOD_SIZES:
+            every_size = {size for sizes in _METHOD_SIZES.values() for size in sizes}
+            stray = sorted(f for f in every_size - set(_METHOD_SIZES[self.method]) if getattr(self, f) is not None)
+            if stray:
+                raise ConfigError(f"{', '.join(map(_flag, stray))} does not apply to --method {self.method}")
 
     @classmethod
     def from_config(cls, config: Any) -> TrainSettings:
@@ -224,9 +230,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) 
 # What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
 RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter")
 # Config fields that do not change what a run computes: where it writes, how it restarts, on which devices
-# (restoring onto another mesh is a feature).
+# (restoring onto another mesh is a feature); and the paths of the data, which may move: the data itself
+# is fingerprinted by content.
 RUN_ONLY_FIELDS = frozenset(
     {"output_dir", "resume", "overwrite", "checkpoint_every", "mesh", "coordinator", "num_processes", "process_id"}
+    | {"data_dir", "train_file", "eval_file", "image_dir", "eval_dir"}
 )
 
 
@@ -245,8 +253,14 @@ def digest(*parts: Any) -> str:
     return sha.hexdigest()
 
 
+# Weight files of a Hugging Face folder; other files (READMEs, locks, tokenizers) do not change the model.
+_WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin", ".h5", ".pt", ".pth")
+_EDGE_BYTES = 1 << 20
+
+
 def model_digest(name_or_path: str) -> str:
-    """A local model folder's fingerprint (SHA-256 of ``config.json`` and of its files' names and sizes).
+    """A local model folder's fingerprint: ``config.json``, and each weight file's name, size and first and
+    last MiB (so another checkpoint of the same shapes differs, without reading gigabytes on every start).
 
     A hub name is returned as it is: the hub's own revision is out of this library's sight.
     """
@@ -254,7 +268,14 @@ def model_digest(name_or_path: str) -> str:
     if not (root / "config.json").is_file():
         return name_or_path
     sha = hashlib.sha256((root / "config.json").read_bytes())
-    sha.update(json.dumps(sorted((f.name, f.stat().st_size) for f in root.iterdir() if f.is_file())).encode())
+    for path in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        sha.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            sha.update(f.read(_EDGE_BYTES))
+            if size > 2 * _EDGE_BYTES:
+                f.seek(size - _EDGE_BYTES)
+                sha.update(f.read())
     return sha.hexdigest()
 
 
@@ -274,56 +295,114 @@ def prepare_output(
 ) -> Path:
     """Readies ``output_dir`` for a run and returns its ``metrics.jsonl``.
 
-    A fresh run (``resume=False``) refuses a folder that already holds a run (any of :data:`RUN_FILES`),
-    so two runs never mix, unless ``overwrite`` is set, which deletes that run first.  ``--resume`` into a
-    folder with a run compares ``fingerprint`` with the ``run.json`` stored there and refuses any
-    difference, naming the fields; into an empty folder it starts afresh.  A new run stores
-    ``fingerprint`` as ``run.json``.  Process 0 writes; every process checks.  It asks JAX for the process
-    index, so a multi-process run calls :func:`mesh_from_flag` first.
+    A fresh run (``resume=False``) refuses a folder that holds a run with progress (a checkpoint, an
+    adapter, results, or an evaluation after training began), so two runs never mix, unless
+    ``overwrite`` is set, which deletes that run's files (:data:`RUN_FILES`) first.  ``--resume`` into
+    such a folder compares ``fingerprint`` with the ``run.json`` stored there and refuses any difference,
+    naming the fields.  A folder with no progress (empty, or a run that stopped before its first
+    checkpoint) is started afresh either way.  A new run stores ``fingerprint`` as ``run.json``.
+
+    Process 0 decides and writes, and every process follows its decision; with several processes
+    their fingerprints must agree (e.g. every host reads the same data and model).  It asks JAX for
+    the process index, so a multi-process run calls :func:`mesh_from_flag` first.
 
     Raises:
-      SystemExit: the folder holds another run, or one with other settings.
+      SystemExit: the folder holds another run, or one with other settings, or the processes disagree.
     """
-    present = [name for name in RUN_FILES if (output_dir / name).exists()]
-    record = output_dir / "run.json"
-    if resume and present:
-        if not record.exists():
+    if fingerprint is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        local = np.frombuffer(bytes.fromhex(digest(fingerprint)), np.uint8)
+        if not np.array_equal(multihost_utils.broadcast_one_to_all(local), local):
             raise SystemExit(
-                f"--resume: {output_dir} holds {', '.join(present)} but no run.json, so its settings cannot be "
-                "checked (a run of an older version?); start afresh with --overwrite"
+                f"process {jax.process_index()} computed other run settings than process 0 (another model "
+                "folder, other data or flags on this host?); every process must run the same job"
             )
-        if fingerprint is not None:
-            _check_same_run(json.loads(record.read_text()), fingerprint, output_dir)
-    elif present and not overwrite:
-        raise SystemExit(
-            f"{output_dir} already holds a run ({', '.join(present)}): pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --output-dir"
-        )
-    _barrier("prepare_output checked")  # no process may see the folder change before every one has checked it
+    problem = _output_problem(output_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
+    if jax.process_count() > 1:  # process 0's verdict, so that every process stops or none does
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
+        problem = (problem or f"process 0 refused --output-dir {output_dir} (its log says why)") if refused else None
+    if problem is not None:
+        raise SystemExit(problem)
     if sharding.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not (resume and present):
-            for name in present:
+        if not (resume and _has_progress(output_dir)):
+            for name in RUN_FILES:
                 path = output_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
             if fingerprint is not None:
-                _write_atomically(record, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+                _write_atomically(output_dir / "run.json", json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     _barrier("prepare_output written")
     return output_dir / "metrics.jsonl"
 
 
-def _check_same_run(stored: dict[str, Any], fingerprint: dict[str, Any], output_dir: Path) -> None:
+def _has_progress(output_dir: Path) -> bool:
+    """Whether the run in ``output_dir`` got anywhere: a checkpoint step, an adapter, results, or a logged
+    evaluation after training began (a log of the step-0 evaluation alone is redone by any new run)."""
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(p.name.isdigit() for method in checkpoints.iterdir() for p in _entries(method)):
+        return True
+    if (output_dir / "adapter").exists() or (output_dir / "results.json").exists():
+        return True
+    log = output_dir / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) > 0:
+                    return True
+            except (json.JSONDecodeError, AttributeError):
+                return True  # a damaged log is not ours to judge empty
+    return False
+
+
+def _entries(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def _output_problem(
+    output_dir: Path, *, resume: bool, overwrite: bool, fingerprint: dict[str, Any] | None
+) -> str | None:
+    if not _has_progress(output_dir):
+        return None
+    present = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not resume:
+        if overwrite:
+            return None
+        return (
+            f"{output_dir} already holds a run ({', '.join(present)}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output-dir"
+        )
+    record = output_dir / "run.json"
+    if not record.exists():
+        return (
+            f"--resume: {output_dir} holds {', '.join(present)} but no run.json, so its settings cannot be "
+            "checked (a run of an older version?); start afresh with --overwrite"
+        )
+    try:
+        stored = json.loads(record.read_text())
+    except json.JSONDecodeError as e:
+        return f"--resume: {record} is damaged ({e}); start afresh with --overwrite"
+    return None if fingerprint is None else _difference(stored, fingerprint, output_dir)
+
+
+def _difference(stored: dict[str, Any], fingerprint: dict[str, Any], output_dir: Path) -> str | None:
     fields = sorted(set(stored) | set(fingerprint))
     differ = [f for f in fields if stored.get(f, "<absent>") != fingerprint.get(f, "<absent>")]
-    if differ:
-        lines = "\n".join(
-            f"  {f}: {_short(stored.get(f, '<absent>'))} in the run, {_short(fingerprint.get(f, '<absent>'))} now"
-            for f in differ
-        )
-        raise SystemExit(
-            f"--resume: the run in {output_dir} was made with other settings; {len(differ)} differ:\n{lines}\n"
-            "resume with the run's settings, or start afresh with --overwrite"
-        )
+    if not differ:
+        return None
+    lines = "\n".join(
+        f"  {f}: {_short(stored.get(f, '<absent>'))} in the run, {_short(fingerprint.get(f, '<absent>'))} now"
+        for f in differ
+    )
+    return (
+        f"--resume: the run in {output_dir} was made with other settings; {len(differ)} differ:\n{lines}\n"
+        "resume with the run's settings, or start afresh with --overwrite"
+    )
 
 
 def _short(value: Any) -> str:
@@ -402,14 +481,11 @@ _METHOD_SIZES = {"cdvft": ("block_size",), "lora": ("rank",), "vera": ("rank",),
 def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfig:
     """The adapter config of method ``name`` (one of :data:`ADAPTER_METHODS`) from ``settings``.
 
+    ``settings`` has already refused the sizes of other methods (e.g. ``--rank`` with ``cdvft``).
+
     Raises:
-      SystemExit: if a size of another method is set (e.g. ``--rank`` with ``cdvft``) or a value is invalid.
+      SystemExit: if a value does not make a valid config.
     """
-    every_size = {size for sizes in _METHOD_SIZES.values() for size in sizes}
-    stray = sorted(f for f in every_size - set(_METHOD_SIZES[name]) if getattr(settings, f) is not None)
-    if stray:
-        flags = ", ".join("--" + f.replace("_", "-") for f in stray)
-        raise SystemExit(f"{flags} does not apply to --method {name}")
     fields = {f: getattr(settings, f) for f in _METHOD_SIZES[name] if getattr(settings, f) is not None}
     if settings.alpha is not None:
         fields["alpha"] = settings.alpha
@@ -533,8 +609,9 @@ class RunningLoss:
             if not bool(finite):
                 raise NonFiniteTraining(
                     f"step {step}: the loss ({float(loss)}) or the updated weights are NaN or infinite; "
-                    "the run stops here and nothing of this step or later is saved (the last checkpoint "
-                    "stays). Lower the learning rate, or look for bad inputs or labels."
+                    "the run stops here and nothing of this step or later is saved (the checkpoints before "
+                    "it stay). Start again at a lower learning rate with --overwrite (which replaces this run) "
+                    "or another --output-dir, or look for bad inputs or labels."
                 )
             self.total += float(loss)
             self.count += 1
@@ -688,9 +765,13 @@ def train_and_evaluate(
                 bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
         if checkpointer is not None:
             checkpointer.maybe_save(step, state, dropout_key, position, force=True)
-    finally:
+    except BaseException:
         if checkpointer is not None:
-            checkpointer.close()  # waits for pending asynchronous saves
+            with contextlib.suppress(CheckpointWriteError):  # the error in flight says more than a failed save
+                checkpointer.close()
+        raise
+    if checkpointer is not None:
+        checkpointer.close()  # waits for pending asynchronous saves
     seconds = time.perf_counter() - start
     cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
     if adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():

@@ -98,6 +98,13 @@ class TextConfig(RunConfig):
     output_dir: Path = Path("outputs/text")
     compare_head: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ConfigError(
+                f"--max-length must be an int >= 2 (room for the special tokens), got {self.max_length!r}"
+            )
+
 
 class Encoded(NamedTuple):
     """Tokenized examples: per-example id lists and the labels."""
@@ -174,7 +181,7 @@ def encoded_digest(data: Encoded) -> str:
 
 
 # Model families whose position ids start after the padding index (``padding_idx + 1``), as RoBERTa's do.
-_OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer")
+_OFFSET_POSITION_MODELS = ("roberta", "roberta-prelayernorm", "xlm-roberta", "camembert", "longformer")
 
 
 def check_model_fits(model_config: Any, tokenizer: Any, max_length: int) -> None:
@@ -189,7 +196,9 @@ def check_model_fits(model_config: Any, tokenizer: Any, max_length: int) -> None
     """
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None:
-        offset = model_config.pad_token_id + 1 if model_config.model_type in _OFFSET_POSITION_MODELS else 0
+        offset = 0
+        if model_config.model_type in _OFFSET_POSITION_MODELS:
+            offset = (model_config.pad_token_id or 0) + 1
         if max_length + offset > positions:
             raise SystemExit(
                 f"--max-length {max_length} is more than the model embeds: {positions} position embeddings"
@@ -257,6 +266,8 @@ def run(config: TextConfig) -> dict:
     mesh = mesh_from_flag(
         config.mesh, coordinator=config.coordinator, num_processes=config.num_processes, process_id=config.process_id
     )
+    if len(train.input_ids) < config.batch_size:
+        raise SystemExit(f"{len(train.input_ids)} training examples do not fill one batch of {config.batch_size}")
     fingerprint = run_fingerprint(
         config, model=model_digest(model_path), train_data=encoded_digest(train), dev_data=encoded_digest(dev)
     )
