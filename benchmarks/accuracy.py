@@ -79,7 +79,6 @@ TASKS: dict[str, TaskBudget] = {
     "qnli": TaskBudget("qnli", "QNLI", steps=300, max_length=128),
     "tweets": TaskBudget("tweets", None, steps=300, max_length=64, max_eval_samples=1000),
 }
-SUITE_METHODS = ("cdvft", "lora", "vera", "fourierft", "head", "full")
 BATCH_SIZE = 32
 VALIDATION_FRACTION, VALIDATION_MAX = 0.1, 1000
 
@@ -587,7 +586,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, required=True, help="the records; re-runs skip what it holds")
     p.add_argument("--tasks", type=names_parser(list(TASKS)), default=list(TASKS), help="comma-separated")
-    p.add_argument("--methods", type=names_parser(METHODS), default=list(SUITE_METHODS), help="comma-separated")
+    p.add_argument(
+        "--methods", type=names_parser(METHODS), default=list(METHODS), help="comma-separated (default: every method)"
+    )
     p.add_argument("--seeds", type=_numbers(int, 0, strict=False), default=[0, 1, 2], help="comma-separated")
     p.add_argument("--sweep", action="store_true", help="choose each method's rate on a validation split first")
     p.add_argument(

@@ -103,7 +103,7 @@ from cdvft_jax.params import Params
 
 MODELS = ("roberta-base", "vit-base")
 BASELINE_METHODS = ("full", "head", "floor")
-ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
+ADAPTER_METHODS = cdvft_jax.method_names()
 METHODS = BASELINE_METHODS + ADAPTER_METHODS
 SEED = 0
 LEARNING_RATE = 1e-5  # plain AdamW of full / head / floor
@@ -128,31 +128,15 @@ FLOOR_LEAVES = {
     "vit-base": "vit/embeddings/position_embeddings",
 }
 
-# Each adapter method's config class and its settings per model, as in
-# the papers: LoRA r=8 (RoBERTa-base) / r=16 (ViT-base) with alpha = r; VeRA r=256; FourierFT
-# n=1000, scaling alpha 150 (RoBERTa-base) / n=3000, alpha 300 (ViT-base).  Query and value of every layer
-# are adapted, the classifier trains in full.
-ADAPTER_CONFIGS: dict[str, tuple[type[cdvft_jax.AdapterConfig], dict[str, dict[str, Any]]]] = {
-    "cdvft": (cdvft_jax.CDVFTConfig, {"roberta-base": {}, "vit-base": {}}),
-    "lora": (
-        cdvft_jax.LoRAConfig,
-        {"roberta-base": {"rank": 8, "alpha": 8.0}, "vit-base": {"rank": 16, "alpha": 16.0}},
-    ),
-    "vera": (cdvft_jax.VeRAConfig, {"roberta-base": {"rank": 256}, "vit-base": {"rank": 256}}),
-    "fourierft": (
-        cdvft_jax.FourierFTConfig,
-        {
-            "roberta-base": {"n_frequency": 1000, "alpha": 150.0},
-            "vit-base": {"n_frequency": 3000, "alpha": 300.0},
-        },
-    ),
-}
-
 
 def adapter_config(method: str, model: str) -> cdvft_jax.AdapterConfig:
-    """The config of adapter ``method`` for ``model``."""
-    config_class, settings = ADAPTER_CONFIGS[method]
-    return config_class(target_modules=("query", "value"), modules_to_save=["classifier"], **settings[model])
+    """The config of adapter ``method`` for ``model`` at the papers' settings (``MethodSpec.paper_settings``:
+    LoRA r=8 on RoBERTa-base, r=16 on ViT-base, with alpha = r; VeRA r=256; FourierFT n=1000, alpha 150 /
+    n=3000, alpha 300), query and value of every layer adapted, the classifier trained in full."""
+    spec = cdvft_jax.method_spec(method)
+    return spec.config_class(
+        target_modules=("query", "value"), modules_to_save=["classifier"], **spec.paper_settings[model]
+    )
 
 
 def log(message: str) -> None:

@@ -18,6 +18,20 @@ The public API:
 * trees: :func:`split_params`, :func:`merge_params`, :func:`count_params`.
 """
 
+# The methods first, in the order they register (the order the programs list them): CDVFT, then the
+# baselines.  The isort splits keep that order.
+from cdvft_jax.methods.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
+
+# isort: split
+from cdvft_jax.methods.lora import LORA, LoRAConfig
+
+# isort: split
+from cdvft_jax.methods.vera import VERA, VeRAConfig, vera_projections
+
+# isort: split
+from cdvft_jax.methods.fourierft import FOURIERFT, FOURIERFT_INIT_SCHEMES, FourierFTConfig, spectral_positions
+
+# isort: split
 from cdvft_jax._version import __version__
 from cdvft_jax.adapter_io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from cdvft_jax.cdv import (
@@ -34,10 +48,8 @@ from cdvft_jax.cdv import (
     cdv_shape,
     valid_block_sizes,
 )
-from cdvft_jax.cdvft import CDVFT, INIT_SCHEMES, CDVFTConfig
 from cdvft_jax.checkpoint import CheckpointWriteError, CorruptCheckpointError, TrainingCheckpointer
 from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
-from cdvft_jax.fourierft import FOURIERFT, FOURIERFT_INIT_SCHEMES, FourierFTConfig, spectral_positions
 from cdvft_jax.injection import (
     AdaptedLayer,
     AdaptedModel,
@@ -47,8 +59,7 @@ from cdvft_jax.injection import (
     inject,
 )
 from cdvft_jax.layers import CDVDense
-from cdvft_jax.lora import LORA, LoRAConfig
-from cdvft_jax.method import AdapterMethod
+from cdvft_jax.methods.base import AdapterMethod, MethodSpec, method_names, method_spec
 from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_params, non_finite_leaves, split_params
 from cdvft_jax.training import (
     TrainState,
@@ -58,7 +69,6 @@ from cdvft_jax.training import (
     make_train_step,
     single_tree_optimizer,
 )
-from cdvft_jax.vera import VERA, VeRAConfig, vera_projections
 
 __all__ = [
     "CDVFT",
@@ -80,6 +90,7 @@ __all__ = [
     "DenseLayer",
     "FourierFTConfig",
     "LoRAConfig",
+    "MethodSpec",
     "NonFiniteError",
     "TrainState",
     "TrainingCheckpointer",
@@ -108,6 +119,8 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "merge_params",
+    "method_names",
+    "method_spec",
     "non_finite_leaves",
     "read_adapter_config",
     "save_adapter",

@@ -20,8 +20,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from cdvft_jax.methods.base import method_spec
+
 if TYPE_CHECKING:
-    from cdvft_jax.method import AdapterMethod
+    from cdvft_jax.methods.base import AdapterMethod
 
 __all__ = [
     "AdapterConfig",
@@ -38,8 +40,6 @@ __all__ = [
 
 ModulePatterns = str | Sequence[str]
 """A regex (full match on the module path) or a list of path suffixes."""
-
-_REGISTRY: dict[str, type[AdapterConfig]] = {}
 
 # Fields that choose modules; the rest may be overridden per layer.
 _SELECTION_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "overrides")
@@ -131,11 +131,6 @@ class AdapterConfig:
     alpha: float = 1.0
     overrides: Mapping[str, Mapping[str, Any]] | tuple = ()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.method:
-            _REGISTRY[cls.method] = cls
-
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise in place once
         targets = _normalize_patterns(self.target_modules, "target_modules")
@@ -186,7 +181,7 @@ class AdapterConfig:
 
     @property
     def adapter_method(self) -> AdapterMethod:
-        """The method's pure functions (see :class:`~cdvft_jax.method.AdapterMethod`)."""
+        """The method's pure functions (see :class:`~cdvft_jax.methods.AdapterMethod`)."""
         raise NotImplementedError(f"{type(self).__name__} does not define its adapter method")
 
     @property
@@ -226,10 +221,7 @@ def config_from_dict(data: Mapping[str, Any]) -> AdapterConfig:
       ValueError: if ``method`` is missing or unknown, or a key is not a field.
     """
     data = dict(data)
-    method = data.pop("method", None)
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown adapter method {method!r}; known methods: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[method]
+    cls = method_spec(data.pop("method", None)).config_class
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
     if unknown:

@@ -155,7 +155,7 @@ class AdaptedModel:
 
     @property
     def method(self):
-        """The :class:`~cdvft_jax.method.AdapterMethod` of the config."""
+        """The :class:`~cdvft_jax.methods.AdapterMethod` of the config."""
         return self.config.adapter_method
 
     def _interceptor(self, next_fun, args, kwargs, context):

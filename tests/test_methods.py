@@ -378,3 +378,34 @@ def test_merge_and_unmerge_of_bfloat16_kernels_round_once_and_keep_the_dtype():
         assert back.dtype == jnp.bfloat16
         scale = np.abs(expected).max()
         np.testing.assert_allclose(np.asarray(back, F64), kernel, rtol=0, atol=2 * 2.0**-8 * scale)
+
+
+def test_the_registry_states_each_method_once_and_refuses_bad_entries():
+    from cdvft_jax.methods import MethodSpec, SizeSetting, register
+
+    assert cdvft_jax.method_names() == ("cdvft", "lora", "vera", "fourierft")
+    lora = cdvft_jax.method_spec("lora")
+    assert (lora.method, lora.config_class, lora.default("rank")) == (LORA, LoRAConfig, 8)
+    assert cdvft_jax.method_spec("fourierft").paper_settings["roberta-base"] == {"n_frequency": 1000, "alpha": 150.0}
+    with pytest.raises(ValueError, match=r"unknown adapter method 'dora'; known methods: \['cdvft', 'fourierft'"):
+        cdvft_jax.method_spec("dora")
+    with pytest.raises(ValueError, match=r"LoRAConfig\.method is 'lora', not 'lora2'"):
+        register(MethodSpec(LORA._replace(name="lora2"), LoRAConfig))
+    with pytest.raises(ValueError, match=r"lora: sizes \['width'\] are not fields of LoRAConfig"):
+        register(MethodSpec(LORA, LoRAConfig, sizes=(SizeSetting("width", "how wide"),)))
+    with pytest.raises(ValueError, match="adapter method 'lora' is already registered"):
+        register(MethodSpec(LORA._replace(learning_rate=1.0), LoRAConfig))
+    assert cdvft_jax.method_spec("lora") is lora  # nothing above changed the registry
+    # The programs' size flags come from the registry, with each method's default.
+    import argparse
+    from pathlib import Path
+
+    from train.loop import add_run_arguments
+
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, default_output=Path("out"))
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert helps["--rank"] == (
+        "lora: the rank r of dW = A @ B (default 8); vera: the rank of the shared random projections (default 256)"
+    )
+    assert helps["--n-frequency"] == "fourierft: spectral coefficients per layer (default 1000)"

@@ -35,15 +35,18 @@ from cdvft_jax import sharding
 from cdvft_jax.checkpoint import CheckpointWriteError, TrainingCheckpointer
 from cdvft_jax.config import matches_within
 
-ADAPTER_METHODS = ("cdvft", "lora", "vera", "fourierft")
+# The adapter methods come from the library's registry; ``head`` and ``full`` are the programs' own.
+ADAPTER_METHODS = cdvft_jax.method_names()
 METHODS = (*ADAPTER_METHODS, "head", "full")
 FULL_LEARNING_RATE = 2e-5
 # Peak learning rate of the adapter leaves (of every weight for ``full``) when no flag sets one: each
 # adapter method's own (``AdapterMethod.learning_rate``); ``head`` trains at the head rate.
 DEFAULT_LEARNING_RATES = {
-    **{m.name: m.learning_rate for m in (cdvft_jax.CDVFT, cdvft_jax.LORA, cdvft_jax.VERA, cdvft_jax.FOURIERFT)},
+    **{name: cdvft_jax.method_spec(name).method.learning_rate for name in ADAPTER_METHODS},
     "full": FULL_LEARNING_RATE,
 }
+# The settings (named like the config fields they set) that size each adapter method.
+_METHOD_SIZES = {name: tuple(s.field for s in cdvft_jax.method_spec(name).sizes) for name in ADAPTER_METHODS}
 
 
 def default_learning_rate(method: str) -> float:
@@ -205,9 +208,8 @@ def _check_rate(value: Any, field: str, *, optional: bool = False) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
     """The flags both programs share: method sizes, optimizer schedule, seed, outputs, checkpoints, mesh."""
     p = parser
-    p.add_argument("--block-size", type=int, help="cdvft: circulant block size (default: one block per square layer)")
-    p.add_argument("--rank", type=int, help="lora / vera: the rank (default: 8 for lora, 256 for vera)")
-    p.add_argument("--n-frequency", type=int, help="fourierft: spectral coefficients per layer (default: 1000)")
+    for field, helps in _size_flags().items():  # from the methods' registry: --block-size, --rank, ...
+        p.add_argument(_flag(field), type=int, help="; ".join(helps))
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -288,6 +290,18 @@ def run_fingerprint(config: Any, **facts: Any) -> dict[str, Any]:
     """
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_ONLY_FIELDS}
     return json.loads(json.dumps({**fields, **facts}, sort_keys=True, default=str))
+
+
+def _size_flags() -> dict[str, list[str]]:
+    """``{size field: ["method: what it sets (default ...)", ...]}`` over the registered methods."""
+    flags: dict[str, list[str]] = {}
+    for name in ADAPTER_METHODS:
+        spec = cdvft_jax.method_spec(name)
+        for size in spec.sizes:
+            default = spec.default(size.field)
+            shown = "" if default is None else f" (default {default})"
+            flags.setdefault(size.field, []).append(f"{name}: {size.help}{shown}")
+    return flags
 
 
 def prepare_output(
@@ -474,10 +488,6 @@ def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedu
     )
 
 
-# The TrainSettings fields (named like the config fields they set) that size each adapter method.
-_METHOD_SIZES = {"cdvft": ("block_size",), "lora": ("rank",), "vera": ("rank",), "fourierft": ("n_frequency",)}
-
-
 def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfig:
     """The adapter config of method ``name`` (one of :data:`ADAPTER_METHODS`) from ``settings``.
 
@@ -489,12 +499,7 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
     fields = {f: getattr(settings, f) for f in _METHOD_SIZES[name] if getattr(settings, f) is not None}
     if settings.alpha is not None:
         fields["alpha"] = settings.alpha
-    config_class = {
-        "cdvft": cdvft_jax.CDVFTConfig,
-        "lora": cdvft_jax.LoRAConfig,
-        "vera": cdvft_jax.VeRAConfig,
-        "fourierft": cdvft_jax.FourierFTConfig,
-    }[name]
+    config_class = cdvft_jax.method_spec(name).config_class
     try:
         return config_class(
             target_modules=list(settings.target_modules), modules_to_save=list(settings.head_modules), **fields

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cdvft_jax.config import AdapterConfig, ModulePatterns, check_dropout, check_positive_int
-from cdvft_jax.method import AdapterMethod, LayerParams
+from cdvft_jax.methods.base import AdapterMethod, LayerParams, MethodSpec, SizeSetting, register
 
 __all__ = ["LORA", "LoRAConfig", "input_dropout", "uses_dropout"]
 
@@ -121,4 +121,14 @@ LORA = AdapterMethod(
     needs_rng=uses_dropout,
     learning_rate=5e-4,  # the paper's RoBERTa-base GLUE rate
 )
-"""The LoRA :class:`~cdvft_jax.method.AdapterMethod`."""
+"""The LoRA :class:`~cdvft_jax.methods.AdapterMethod`."""
+
+register(
+    MethodSpec(
+        LORA,
+        LoRAConfig,
+        sizes=(SizeSetting("rank", "the rank r of dW = A @ B"),),
+        # The papers' settings, for the benchmarks.
+        paper_settings={"roberta-base": {"rank": 8, "alpha": 8.0}, "vit-base": {"rank": 16, "alpha": 16.0}},
+    )
+)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdvft_jax.config import AdapterConfig, ModulePatterns, check_int, check_positive_int
-from cdvft_jax.method import AdapterMethod, LayerParams
+from cdvft_jax.methods.base import AdapterMethod, LayerParams, MethodSpec, SizeSetting, register
 
 __all__ = ["FOURIERFT", "FOURIERFT_INIT_SCHEMES", "FourierFTConfig", "spectral_positions"]
 
@@ -143,4 +143,17 @@ FOURIERFT = AdapterMethod(
     flops_per_step=_flops_per_step,
     learning_rate=5e-2,  # the paper's RoBERTa-base GLUE rate
 )
-"""The FourierFT :class:`~cdvft_jax.method.AdapterMethod`."""
+"""The FourierFT :class:`~cdvft_jax.methods.AdapterMethod`."""
+
+register(
+    MethodSpec(
+        FOURIERFT,
+        FourierFTConfig,
+        sizes=(SizeSetting("n_frequency", "spectral coefficients per layer"),),
+        # The papers' settings, for the benchmarks.
+        paper_settings={
+            "roberta-base": {"n_frequency": 1000, "alpha": 150.0},
+            "vit-base": {"n_frequency": 3000, "alpha": 300.0},
+        },
+    )
+)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cdvft_jax import cdv
 from cdvft_jax.config import AdapterConfig, ModulePatterns
-from cdvft_jax.method import AdapterMethod, LayerParams
+from cdvft_jax.methods.base import AdapterMethod, LayerParams, MethodSpec, SizeSetting, register
 
 __all__ = ["CDVFT", "CDVFTConfig", "INIT_SCHEMES"]
 
@@ -160,4 +160,18 @@ CDVFT = AdapterMethod(
     flops_per_step=flops_per_step,
     learning_rate=5e-3,
 )
-"""The CDVFT :class:`~cdvft_jax.method.AdapterMethod`."""
+"""The CDVFT :class:`~cdvft_jax.methods.AdapterMethod`."""
+
+register(
+    MethodSpec(
+        CDVFT,
+        CDVFTConfig,
+        sizes=(
+            SizeSetting(
+                "block_size", "circulant block size p (default: one block per square layer, gcd(d_in, d_out) otherwise)"
+            ),
+        ),
+        # The papers' settings, for the benchmarks.
+        paper_settings={"roberta-base": {}, "vit-base": {}},
+    )
+)

@@ -30,8 +30,8 @@ from cdvft_jax.config import (
     check_int,
     check_positive_int,
 )
-from cdvft_jax.lora import input_dropout, uses_dropout
-from cdvft_jax.method import AdapterMethod, LayerParams
+from cdvft_jax.methods.base import AdapterMethod, LayerParams, MethodSpec, SizeSetting, register
+from cdvft_jax.methods.lora import input_dropout, uses_dropout
 
 __all__ = ["VERA", "VeRAConfig", "vera_projections"]
 
@@ -140,4 +140,14 @@ VERA = AdapterMethod(
     needs_rng=uses_dropout,
     learning_rate=1e-2,  # the paper's RoBERTa-base GLUE rate
 )
-"""The VeRA :class:`~cdvft_jax.method.AdapterMethod`."""
+"""The VeRA :class:`~cdvft_jax.methods.AdapterMethod`."""
+
+register(
+    MethodSpec(
+        VERA,
+        VeRAConfig,
+        sizes=(SizeSetting("rank", "the rank of the shared random projections"),),
+        # The papers' settings, for the benchmarks.
+        paper_settings={"roberta-base": {"rank": 256}, "vit-base": {"rank": 256}},
+    )
+)
