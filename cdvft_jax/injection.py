@@ -37,36 +37,12 @@ import flax.linen as nn
 import jax
 
 from cdvft_jax.config import AdapterConfig, matches, matches_within
+from cdvft_jax.layer_types import AdaptedLayer, AdapterLayerMarker, DenseLayer
+from cdvft_jax.merge import fold_adapters
 from cdvft_jax.params import Params, count_params, flat_params, merge_params, split_params, unflat_params
 from cdvft_jax.params import check_finite as check_finite_params
 
 __all__ = ["AdaptedLayer", "AdaptedModel", "DenseLayer", "TrainableSummary", "find_dense_layers", "inject"]
-
-
-class DenseLayer(NamedTuple):
-    """An ``nn.Dense`` layer seen in a model: its module path and shape."""
-
-    path: str
-    d_in: int
-    d_out: int
-
-
-class AdaptedLayer(NamedTuple):
-    """A layer that carries an adapter.
-
-    Attributes:
-      path: module path, ``/``-joined.
-      d_in: input features.
-      d_out: output features.
-      config: the config with this layer's overrides applied.
-      param_shapes: ``{leaf name: shape}`` of its adapter parameters.
-    """
-
-    path: str
-    d_in: int
-    d_out: int
-    config: AdapterConfig
-    param_shapes: Mapping[str, tuple[int, ...]]
 
 
 class TrainableSummary(NamedTuple):
@@ -91,10 +67,6 @@ class TrainableSummary(NamedTuple):
             f"modules_to_save {self.modules_to_save:,}) || all params: {self.total:,} "
             f"|| trainable%: {share:.4f}"
         )
-
-
-class AdapterLayerMarker:
-    """Mixin for modules that carry their own adapter; injection leaves them alone."""
 
 
 def _is_plain_dense(module: nn.Module) -> bool:
@@ -309,19 +281,15 @@ class AdaptedModel:
         Raises:
           NonFiniteError: ``check_finite`` and a trainable leaf is not finite.
         """
-        from cdvft_jax.merge import fold_adapters
-
         if check_finite:
             trainable = {path: leaf for path, leaf in flat_params(params).items() if self.is_trainable(path)}
             check_finite_params(trainable, "the adapter to merge")
 
-        return fold_adapters(self, params, sign=1.0, keep_adapter=False)
+        return fold_adapters(self.layers, params, sign=1.0, keep_adapter=False)
 
     def unmerge(self, merged_params: Params, adapter_params: Params) -> dict:
         """Inverse of :meth:`merge`: subtracts the deltas and puts the adapter leaves back."""
-        from cdvft_jax.merge import fold_adapters
-
-        return fold_adapters(self, merge_params(merged_params, adapter_params), sign=-1.0, keep_adapter=True)
+        return fold_adapters(self.layers, merge_params(merged_params, adapter_params), sign=-1.0, keep_adapter=True)
 
 
 def _is_hf_model(model: Any) -> bool:

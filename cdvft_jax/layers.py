@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from cdvft_jax.injection import AdapterLayerMarker
+from cdvft_jax.layer_types import AdapterLayerMarker
 from cdvft_jax.methods.cdvft import CDVFT, CDVFTConfig
 
 __all__ = ["CDVDense"]

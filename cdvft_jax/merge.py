@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from cdvft_jax.params import flat_params, unflat_params
 
 if TYPE_CHECKING:
-    from cdvft_jax.injection import AdaptedModel
+    from cdvft_jax.layer_types import AdaptedLayer
 
 __all__ = ["fold_adapters"]
 
@@ -24,11 +24,14 @@ def _fold(kernel: jax.Array, leaves: Mapping[str, jax.Array], method, config, si
     return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
 
 
-def fold_adapters(adapted: AdaptedModel, params: Mapping[str, Any], sign: float, keep_adapter: bool) -> dict:
+def fold_adapters(
+    layers: Mapping[str, AdaptedLayer], params: Mapping[str, Any], sign: float, keep_adapter: bool
+) -> dict:
     """Adds ``sign * scaling * dW`` to every adapted kernel.
 
     Args:
-      adapted: the adapted model whose layers to fold.
+      layers: the adapted layers to fold, by module path (``AdaptedModel.layers``); each layer's
+        config (overrides applied) gives its method and scaling.
       params: base params plus adapter leaves for every adapted layer.
       sign: ``+1`` merges, ``-1`` unmerges.
       keep_adapter: keep the adapter leaves in the result (else drop them).
@@ -37,7 +40,7 @@ def fold_adapters(adapted: AdaptedModel, params: Mapping[str, Any], sign: float,
       ValueError: if an adapted layer's kernel or adapter leaves are missing.
     """
     flat = flat_params(params)
-    for path, layer in adapted.layers.items():
+    for path, layer in layers.items():
         names = [f"{path}/{n}" for n in layer.param_shapes]
         missing = [n for n in [*names, f"{path}/kernel"] if n not in flat]
         if missing:
@@ -47,5 +50,5 @@ def fold_adapters(adapted: AdaptedModel, params: Mapping[str, Any], sign: float,
             for name in names:
                 del flat[name]
         key = f"{path}/kernel"
-        flat[key] = _fold(flat[key], leaves, adapted.method, layer.config, sign)
+        flat[key] = _fold(flat[key], leaves, layer.config.adapter_method, layer.config, sign)
     return unflat_params(flat)
