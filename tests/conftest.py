@@ -161,6 +161,27 @@ def check_merge_and_unmerge(adapted, model, params, family: str) -> None:
             np.testing.assert_array_equal(restored[path], value, err_msg=path)
 
 
+def interrupt_train_step_at(monkeypatch, step: int) -> None:
+    """Makes every train step built from now on raise ``KeyboardInterrupt`` when called on the state of
+    ``step`` (an interrupted job; checkpoints started before are finished first). Undo with
+    ``monkeypatch.undo()``."""
+    import cdvft_jax
+
+    real_make_train_step = cdvft_jax.make_train_step
+
+    def make_interrupted_step(*args, **kwargs):
+        train_step = real_make_train_step(*args, **kwargs)
+
+        def interrupted(state, *rest):
+            if int(state.step) == step:
+                raise KeyboardInterrupt
+            return train_step(state, *rest)
+
+        return interrupted
+
+    monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
+
+
 def run_two_cpu_processes(command_of: Callable[[int], list[str]], cwd: Path, timeout: float) -> list[tuple[int, str]]:
     """Runs ``command_of(i)`` for ``i`` in 0, 1 as one JAX job of 2 processes x 4 CPU devices.
 

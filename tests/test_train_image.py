@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interrupt_train_step_at
 from PIL import Image
 
 from train import image
@@ -114,24 +115,10 @@ def test_resume_after_an_interruption_is_bitwise_the_straight_run(tmp_path, tiny
     run sees the same augmented images and ends on the same bits."""
     import safetensors.numpy
 
-    import cdvft_jax
-
     flags = ("--dataset", "digits", "--max-train-samples", "64", "--max-eval-samples", "32")
     flags += ("--epochs", "2", "--checkpoint-every", "3")
     straight, straight_records = run(tmp_path / "straight", tiny_vit, *flags)
-    real_make_train_step = cdvft_jax.make_train_step
-
-    def make_interrupted_step(*args, **kwargs):
-        step = real_make_train_step(*args, **kwargs)
-
-        def interrupted(state, *rest):
-            if int(state.step) == 5:  # the last checkpoint is step 3, in the first epoch
-                raise KeyboardInterrupt
-            return step(state, *rest)
-
-        return interrupted
-
-    monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
+    interrupt_train_step_at(monkeypatch, 5)  # the last checkpoint is step 3, in the first epoch
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", tiny_vit, *flags)
     monkeypatch.undo()

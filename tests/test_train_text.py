@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import run_two_cpu_processes
+from conftest import interrupt_train_step_at, run_two_cpu_processes
 from text_process import MARKER as WRITES_MARKER
 
 import cdvft_jax
@@ -153,22 +153,10 @@ def test_resume_after_an_interruption_ends_where_a_straight_run_ends(tmp_path, t
     )
     straight, straight_records = run(tmp_path / "straight", tiny_model, *args)
 
-    real_make_train_step = cdvft_jax.make_train_step
-
-    def make_interrupted_step(*a, **kw):
-        step = real_make_train_step(*a, **kw)
-
-        def interrupted(state, *rest):
-            if int(state.step) == 4:  # after the checkpoint of step 4, in the second epoch
-                raise KeyboardInterrupt
-            return step(state, *rest)
-
-        return interrupted
-
-    monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
+    interrupt_train_step_at(monkeypatch, 4)  # after the checkpoint of step 4, in the second epoch
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", tiny_model, *args)
-    monkeypatch.setattr(cdvft_jax, "make_train_step", real_make_train_step)
+    monkeypatch.undo()
     resumed, resumed_records = run(tmp_path / "resumed", tiny_model, *args, "--resume")
 
     assert resumed_records == straight_records
