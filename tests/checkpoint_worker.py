@@ -8,13 +8,17 @@ trains the tiny RoBERTa of ``conftest`` for ``N`` steps, checkpointing into
 ``DIRECTORY`` every :data:`SAVE_EVERY` steps, force-saves the last step and
 writes the final train state with ``np.savez``.  With ``--resume`` it first
 restores the latest checkpoint.  It prints one JSON line,
-``{"resumed_step": ..., "resumed_position": ...}``.
+``{"resumed_step": ..., "resumed_position": ...}``, or, when the checkpoint
+cannot be restored, ``{"error": TYPE, "message": ...}`` and exits with 1.
+The error goes to stdout because orbax's abandoned reads print tracebacks to
+stderr from other threads, interleaved with anything written there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,7 +30,7 @@ from conftest import make_inputs, make_model
 
 import cdvft_jax
 from cdvft_jax import CDVFTConfig
-from cdvft_jax.checkpoint import TrainingCheckpointer
+from cdvft_jax.checkpoint import CorruptCheckpointError, TrainingCheckpointer
 from cdvft_jax.params import flat_params
 
 SAVE_EVERY = 2
@@ -120,10 +124,14 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each step")
     parser.add_argument("--out", help="where to write the final state (.npz)")
     args = parser.parse_args()
-    with TrainingCheckpointer(args.directory, save_every=SAVE_EVERY) as checkpointer:
-        state, resumed_step, resumed_position = train(
-            make_run(), args.steps, checkpointer, resume=args.resume, sleep=args.sleep
-        )
+    try:
+        with TrainingCheckpointer(args.directory, save_every=SAVE_EVERY) as checkpointer:
+            state, resumed_step, resumed_position = train(
+                make_run(), args.steps, checkpointer, resume=args.resume, sleep=args.sleep
+            )
+    except CorruptCheckpointError as error:
+        print(json.dumps({"error": type(error).__name__, "message": str(error)}), flush=True)
+        sys.exit(1)
     if args.out:
         np.savez(args.out, **state_arrays(state))
     print(json.dumps({"resumed_step": resumed_step, "resumed_position": resumed_position}), flush=True)
