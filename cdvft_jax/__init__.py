@@ -7,7 +7,7 @@ The public API:
   with :func:`cdv_shape`, :func:`cdv_num_params`, :func:`cdv_flops_per_token`;
 * configs: :class:`CDVFTConfig` (and the generic :class:`AdapterConfig`), and
   the baselines :class:`LoRAConfig`, :class:`VeRAConfig`, :class:`FourierFTConfig`,
-  which go through the same injection, training, merge and save code;
+  :class:`C3AConfig`, which go through the same injection, training, merge and save code;
 * adapting a model: :func:`inject` -> :class:`AdaptedModel` (``init``,
   ``split``, ``merge``, ``unmerge``, ``summary``, ``describe``), and
   :class:`CDVDense` for models you write yourself;
@@ -30,6 +30,9 @@ from cdvft_jax.methods.vera import VERA, VeRAConfig, vera_projections
 
 # isort: split
 from cdvft_jax.methods.fourierft import FOURIERFT, FOURIERFT_INIT_SCHEMES, FourierFTConfig, spectral_positions
+
+# isort: split
+from cdvft_jax.methods.c3a import C3A, C3A_INIT_SCHEMES, C3AConfig
 
 # isort: split
 from cdvft_jax._version import __version__
@@ -71,6 +74,8 @@ from cdvft_jax.training import (
 )
 
 __all__ = [
+    "C3A",
+    "C3A_INIT_SCHEMES",
     "CDVFT",
     "FOURIERFT",
     "FOURIERFT_INIT_SCHEMES",
@@ -82,6 +87,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "AdapterMethod",
+    "C3AConfig",
     "CDVDense",
     "CDVFTConfig",
     "CDVShape",

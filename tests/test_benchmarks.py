@@ -71,6 +71,7 @@ def test_params_match_analytic_counts(results):
         "lora": {"roberta-base": 8, "vit-base": 16},  # rank * (d_in + d_out)
         "vera": 256 + TINY_D,  # scaling vectors d (rank) and b (d_out)
         "fourierft": {"roberta-base": 1000, "vit-base": 3000},  # n spectral coefficients
+        "c3a": TINY_D,  # one circulant block per square layer
     }
     for (model, method), row in rows.items():
         count = per_layer.get(method, 0)

@@ -276,6 +276,7 @@ def test_cli_reports_unusable_inputs(tmp_path, capsys):
         cdvft_jax.LoRAConfig(rank=4, alpha=8.0, modules_to_save=["classifier"]),
         cdvft_jax.VeRAConfig(rank=8, modules_to_save=["classifier"]),
         cdvft_jax.FourierFTConfig(n_frequency=50, alpha=40.0, modules_to_save=["classifier"]),
+        cdvft_jax.C3AConfig(block_size=8, alpha=20.0, modules_to_save=["classifier"]),
     ],
     ids=lambda c: c.method,
 )

@@ -1,4 +1,4 @@
-"""The baseline methods (LoRA, VeRA, FourierFT) on the shared machinery, against float64 NumPy references."""
+"""The baseline methods (LoRA, VeRA, FourierFT, C3A) on the shared machinery, against float64 NumPy references."""
 
 import dataclasses
 
@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import cdvft_jax
-from cdvft_jax import FOURIERFT, LORA, VERA, CDVFTConfig, FourierFTConfig, LoRAConfig, VeRAConfig
+from cdvft_jax import C3A, FOURIERFT, LORA, VERA, C3AConfig, CDVFTConfig, FourierFTConfig, LoRAConfig, VeRAConfig
 from cdvft_jax.adapter_io import load_adapter, save_adapter
 from cdvft_jax.params import flat_params, unflat_params
 
@@ -53,6 +53,19 @@ def fourierft_reference(spectrum, d_in, d_out, config):
     return np.fft.ifft2(torch_layout).real.T
 
 
+def c3a_reference(kernel, d_in, d_out):
+    """C3A's definition, entry by entry: in PyTorch's ``(out, in)`` layout, block ``(i, j)`` has entry ``(r, s)``
+    equal to ``kernel[i, j, (s - r) mod b] / d_in``; dW is its transpose."""
+    q_out, q_in, b = kernel.shape
+    torch_layout = np.zeros((d_out, d_in), F64)
+    for i in range(q_out):
+        for j in range(q_in):
+            for r in range(b):
+                for s in range(b):
+                    torch_layout[i * b + r, j * b + s] = kernel[i, j, (s - r) % b]
+    return torch_layout.T / d_in
+
+
 REFERENCES = {
     "lora": (LORA, LoRAConfig(rank=3), lambda p, d_in, d_out, c: p["lora_a"] @ p["lora_b"]),
     "vera": (
@@ -65,6 +78,7 @@ REFERENCES = {
         FourierFTConfig(n_frequency=37),
         lambda p, d_in, d_out, c: fourierft_reference(p["fourierft_spectrum"], d_in, d_out, c),
     ),
+    "c3a": (C3A, C3AConfig(block_size=4), lambda p, d_in, d_out, c: c3a_reference(p["c3a_kernel"], d_in, d_out)),
 }
 
 
@@ -123,8 +137,9 @@ CONFIGS = {
     "lora": lambda **kw: LoRAConfig(rank=4, alpha=8.0, **kw),
     "vera": lambda **kw: VeRAConfig(rank=8, **kw),
     "fourierft": lambda **kw: FourierFTConfig(n_frequency=50, alpha=40.0, **kw),
+    "c3a": lambda **kw: C3AConfig(block_size=8, alpha=20.0, **kw),  # alpha: the delta is divided by d_in
 }
-ZERO_INIT = {"lora": {}, "vera": {}, "fourierft": {"init": "zero"}}
+ZERO_INIT = {"lora": {}, "vera": {}, "fourierft": {"init": "zero"}, "c3a": {"init": "zero"}}
 
 
 def adapt(model, family, name, **kwargs):
@@ -175,7 +190,12 @@ def test_trainable_counts_and_veras_frozen_projections():
     model = make_model("roberta")
     layers, d = 2 * 2, TEXT["hidden_size"]  # (query, value) x 2 layers, square
     head = d * d + d + d * 3 + 3
-    expected = {"lora": layers * 2 * 4 * d, "vera": layers * (8 + d), "fourierft": layers * 50}
+    expected = {
+        "lora": layers * 2 * 4 * d,
+        "vera": layers * (8 + d),
+        "fourierft": layers * 50,
+        "c3a": layers * d * d // 8,
+    }
     for name, count in expected.items():
         adapted = adapt(model, "roberta", name)
         params = adapted.init(jax.random.key(0), model.params)
@@ -266,12 +286,63 @@ def test_paper_parameter_ratios_on_roberta_base_and_vit_base():
         (lambda: VeRAConfig(projection_seed="x"), "projection_seed must be an int"),
         (lambda: FourierFTConfig(n_frequency=0), "n_frequency must be a positive int"),
         (lambda: FourierFTConfig(init="ones"), "init must be one of"),
+        (lambda: C3AConfig(block_size=0), "block_size must be a positive int or None"),
+        (lambda: C3AConfig(init=True), "init must be one of"),
         (lambda: LoRAConfig(overrides={"query": {"rank": 0}}), "rank must be a positive int"),
     ],
 )
 def test_bad_configs_raise_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_c3a_block_size_that_does_not_divide_a_layer_is_named_with_the_valid_sizes():
+    model = make_model("roberta")
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'roberta/encoder/layer/0/attention/self/query'.*block_size=5.*"
+        r"valid block sizes: \[1, 2, 4, 8, 16, 32\]",
+    ):
+        cdvft_jax.inject(model, C3AConfig(block_size=5))
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "kaiming_uniform", "gaussian"])
+def test_c3a_inits_draw_from_peft_s_distributions(init):
+    """peft's bounds: xavier ``sqrt(6 / (d_in + d_out))``, kaiming ``sqrt(1 / d_in)``; gaussian N(0, 1)."""
+    d_in, d_out = 64, 192
+    kernel = np.asarray(C3A.init(jax.random.key(0), d_in, d_out, C3AConfig(block_size=16, init=init))["c3a_kernel"])
+    assert kernel.shape == (12, 4, 16)
+    if init == "gaussian":
+        assert abs(kernel.mean()) < 0.1 and 0.9 < kernel.std() < 1.1
+    else:
+        bound = (6 / (d_in + d_out)) ** 0.5 if init == "xavier_uniform" else (1 / d_in) ** 0.5
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+        assert 0.9 < kernel.std() / (bound / 3**0.5) < 1.1  # a uniform's std
+
+
+def test_c3a_matches_peft_s_c3a_layer_in_pytorch():
+    """The peer implementation: peft's ``C3ALinear`` with our kernel gives our delta and our dW."""
+    import peft
+    import torch
+
+    d_in, d_out, b = 24, 40, 8
+    config = C3AConfig(block_size=b, init="gaussian")
+    leaves = C3A.init(jax.random.key(0), d_in, d_out, config)
+    base = torch.nn.Sequential()
+    base.add_module("query", torch.nn.Linear(d_in, d_out, bias=False))
+    torch.nn.init.zeros_(base.query.weight)  # the module's output is then the delta alone
+    wrapped = peft.get_peft_model(base, peft.C3AConfig(block_size=b, target_modules=["query"]))
+    layer = wrapped.base_model.model.query
+    with torch.no_grad():
+        layer.c3a_kernel["default"].copy_(torch.from_numpy(np.array(leaves["c3a_kernel"])))
+    x = np.random.default_rng(1).standard_normal((3, d_in)).astype(np.float32)
+    with torch.no_grad():
+        theirs = layer(torch.from_numpy(x)).numpy()
+        their_weight = layer.get_delta_weight("default").numpy()
+    ours = np.asarray(C3A.delta(leaves, jnp.asarray(x), d_out, config, None))
+    assert np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+    np.testing.assert_allclose(np.asarray(C3A.delta_weight(leaves, d_in, d_out, config)), their_weight.T, atol=1e-6)
 
 
 def test_a_layer_too_small_for_n_frequency_is_named():
@@ -383,11 +454,13 @@ def test_merge_and_unmerge_of_bfloat16_kernels_round_once_and_keep_the_dtype():
 def test_the_registry_states_each_method_once_and_refuses_bad_entries():
     from cdvft_jax.methods import MethodSpec, SizeSetting, register
 
-    assert cdvft_jax.method_names() == ("cdvft", "lora", "vera", "fourierft")
+    assert cdvft_jax.method_names() == ("cdvft", "lora", "vera", "fourierft", "c3a")
     lora = cdvft_jax.method_spec("lora")
     assert (lora.method, lora.config_class, lora.default("rank")) == (LORA, LoRAConfig, 8)
     assert cdvft_jax.method_spec("fourierft").paper_settings["roberta-base"] == {"n_frequency": 1000, "alpha": 150.0}
-    with pytest.raises(ValueError, match=r"unknown adapter method 'dora'; known methods: \['cdvft', 'fourierft'"):
+    with pytest.raises(
+        ValueError, match=r"unknown adapter method 'dora'; known methods: \['c3a', 'cdvft', 'fourierft'"
+    ):
         cdvft_jax.method_spec("dora")
     with pytest.raises(ValueError, match=r"LoRAConfig\.method is 'lora', not 'lora2'"):
         register(MethodSpec(LORA._replace(name="lora2"), LoRAConfig))

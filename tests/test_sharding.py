@@ -232,12 +232,13 @@ def _worker() -> dict[str, str]:
     check(errors_name_the_sizes)
 
     def baselines_with_dropout_on_fsdp_match_one_device():
-        """LoRA with dropout and VeRA (frozen shared projections) train the same on data=2,fsdp=4 as on
+        """LoRA with dropout, VeRA (frozen shared projections) and C3A train the same on data=2,fsdp=4 as on
         one device: the dropout masks come from the same keys whatever the sharding."""
         mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=4"))
         for config in (
             cdvft_jax.LoRAConfig(rank=4, dropout=0.1, modules_to_save=["classifier"]),
             cdvft_jax.VeRAConfig(rank=8, dropout=0.1, modules_to_save=["classifier"]),
+            cdvft_jax.C3AConfig(block_size=8, modules_to_save=["classifier"]),
         ):
             method_adapted = cdvft_jax.inject(model, config)
             method_trainable, method_frozen = method_adapted.split(method_adapted.init(jax.random.key(0), model.params))

@@ -1,4 +1,4 @@
-"""``--method lora|vera|fourierft`` in the training programs: same loop, same files, the right sizes."""
+"""``--method lora|vera|fourierft|c3a`` in the training programs: same loop, same files, the right sizes."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from train.loop import DEFAULT_LEARNING_RATES, ConfigError, TrainSettings, adapt
 
 # The defaults as the README states them: CDVFT's measured rate, the papers' RoBERTa-base rates of the
 # baselines, full fine-tuning's.  Written out, so a change to a default must change this line too.
-DOCUMENTED_RATES = {"cdvft": 5e-3, "lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2, "full": 2e-5}
+DOCUMENTED_RATES = {"cdvft": 5e-3, "lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2, "c3a": 1e-1, "full": 2e-5}
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -21,6 +21,7 @@ ADAPTER_COUNTS = {
     "lora": ({"--rank": "4"}, 2 * 2 * 4 * (32 + 32)),
     "vera": ({"--rank": "16"}, 2 * 2 * (16 + 32)),
     "fourierft": ({"--n-frequency": "40"}, 2 * 2 * 40),
+    "c3a": ({"--block-size": "8"}, 2 * 2 * 32 * 32 // 8),
 }
 
 
@@ -82,6 +83,8 @@ def test_method_defaults_and_flags_reach_the_configs():
     assert (config.rank, config.alpha) == (64, 2.0)
     assert adapter_config("fourierft", TrainSettings(method="fourierft", n_frequency=10)).n_frequency == 10
     assert adapter_config("cdvft", TrainSettings(block_size=16)).block_size == 16
+    c3a = adapter_config("c3a", TrainSettings(method="c3a", block_size=8))
+    assert (type(c3a), c3a.block_size) == (cdvft_jax.C3AConfig, 8)
     # Each method gets its own default rate (the documented ones, in the README) unless a flag sets one.
     assert DEFAULT_LEARNING_RATES == DOCUMENTED_RATES
     for method, rate in DOCUMENTED_RATES.items():
