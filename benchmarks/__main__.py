@@ -57,8 +57,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import accuracy, flops, operators, params, step_time
-from benchmarks.step_time import MODELS, add_step_arguments, log, names_parser, parse_methods, positive_int
+from benchmarks import accuracy, common, flops, operators, params, step_time
+from benchmarks.common import MODELS, log, names_parser, positive_int
+from benchmarks.step_time import add_step_arguments, parse_methods
 
 PARTS = ("train_step", "params", "flops", "operator", "accuracy")
 DEFAULT_PARTS = PARTS[:4]
@@ -122,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--accuracy-model", help="the accuracy part's model folder (default: the real MiniLM)")
     parser.add_argument("--models", type=names_parser(MODELS), default=list(MODELS), help="comma-separated models")
-    parser.add_argument("--methods", type=parse_methods, default=list(step_time.METHODS), help="comma-separated")
+    parser.add_argument("--methods", type=parse_methods, default=list(common.METHODS), help="comma-separated")
     parser.add_argument("--repeats", type=positive_int, help="interleaved train-step rounds (default: by mode)")
     add_step_arguments(parser)
     parser.add_argument("--rss", dest="no_rss", action="store_false", help="measure peak RSS (off in --quick)")
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         for kind in args.models:
             step = {r["method"]: r["xla_flops"] for r in out["train_step"] if r["model"] == kind}
-            layers = args.layers or step_time.model_config(args.small, kind).num_hidden_layers
+            layers = args.layers or common.model_config(args.small, kind).num_hidden_layers
             out["flops"] += flops.flops_rows(
                 kind, args.methods, args.batch, args.seq_len, step, layers if step else None, small=args.small
             )
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seconds["total"] = time.perf_counter() - start
     out["machine"] = {
-        **step_time.host_info(),
+        **common.host_info(),
         "mode": args.mode,
         "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "parts": args.parts,

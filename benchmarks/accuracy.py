@@ -18,7 +18,7 @@ against its trainable parameters (``.png``).
 
 Modes
 -----
-* default: each method at its default learning rate (:data:`train.loop.DEFAULT_LEARNING_RATES`; ``head``
+* default: each method at its default learning rate (:data:`train.methods.DEFAULT_LEARNING_RATES`; ``head``
   at the head rate), reported on dev for every seed.
 * ``--sweep``: every method gets the same learning-rate trials, its default times each of
   ``--lr-factors`` (a log grid), trained with the first seed on the training file less a validation split
@@ -44,10 +44,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.step_time import host_info, log, names_parser
+from benchmarks.common import host_info, log, names_parser
 from train import text
 from train.data import Example, TaskSpec, find_task
-from train.loop import METHODS, Evaluation, TrainSettings, default_learning_rate, train_and_evaluate
+from train.loop import Evaluation, TrainSettings, train_and_evaluate
+from train.methods import METHODS, default_learning_rate
 from train.metrics import compute_metrics
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"

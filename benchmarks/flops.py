@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 
 import cdvft_jax
+from benchmarks.common import ADAPTER_METHODS, SEED, model_config, tokens_per_example, xla_flops
 from benchmarks.params import abstract_adapted, abstract_model
-from benchmarks.step_time import ADAPTER_METHODS, SEED, model_config, tokens_per_example, xla_flops
 
 
 def compiled_flops(fn: Any, *args: Any) -> float | None:

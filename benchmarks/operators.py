@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cdvft_jax
-from benchmarks.step_time import SEED, log, xla_flops
+from benchmarks.common import SEED, log, xla_flops
 
 LORA_RANK = 8
 DIRECTIONS = ("fwd", "fwd+bwd")

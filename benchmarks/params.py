@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 import cdvft_jax
-from benchmarks.step_time import (
+from benchmarks.common import (
     ADAPTER_METHODS,
     SEED,
     adapter_config,

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.step_time import log, positive_int
+from benchmarks.common import log, positive_int
 
 LAYOUTS: dict[int, list[str]] = {
     1: ["data=1"],
@@ -61,26 +61,16 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
     """Shards the frozen tree for one mesh layout and times the sharded step."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
 
     import cdvft_jax
-    from benchmarks.step_time import SEED, make_batch, method_parts
-    from cdvft_jax.sharding import (
-        batch_spec,
-        frozen_partition_specs,
-        make_mesh,
-        make_sharded_train_step,
-        parse_mesh,
-        shard_batch,
-        shard_params,
-        shardings_of,
-        state_shardings_for,
-    )
+    from benchmarks.common import SEED, make_batch, method_parts
+    from cdvft_jax.sharding import make_mesh, parse_mesh, shard_batch, shard_training
 
     trainable, frozen, optimizer, loss_fn = method_parts("cdvft", model)
 
     mesh = make_mesh(parse_mesh(layout))
-    frozen = shard_params(frozen, frozen_partition_specs(frozen, mesh), mesh)
+    run = shard_training(loss_fn, optimizer, cdvft_jax.init_train_state(trainable, optimizer), frozen, mesh)
+    frozen = run.frozen
     total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(frozen))
     per_device = device0_bytes(frozen)
     result: dict[str, Any] = {
@@ -93,12 +83,7 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
         "error": None,
     }
     try:
-        state = cdvft_jax.init_train_state(trainable, optimizer)
-        state_shardings = state_shardings_for(state, mesh)
-        state = jax.device_put(state, state_shardings)
-        step = make_sharded_train_step(
-            loss_fn, optimizer, mesh, state_shardings, shardings_of(frozen), NamedSharding(mesh, batch_spec())
-        )
+        state, step = run.state, run.train_step
         batch = shard_batch(make_batch(model.config.vocab_size, args.batch, args.seq_len), mesh)
         rng = jax.random.key(SEED)
         start = time.perf_counter()
@@ -127,7 +112,7 @@ def child(args: argparse.Namespace) -> None:
     """Child mode: every layout of ``--layouts`` on this process's devices; one JSON line on stdout."""
     import jax
 
-    from benchmarks.step_time import build_model
+    from benchmarks.common import build_model
 
     if jax.device_count() != args.child:
         raise RuntimeError(f"expected {args.child} devices, got {jax.device_count()}")

@@ -20,7 +20,7 @@ trainable:
 * ``full``: every parameter trainable (the frozen tree is empty);
 * ``head``: only ``classifier/...`` trainable; the backward pass stops at the head;
 * ``floor``: ``classifier/...`` plus the earliest cheap leaf of the network
-  (:data:`FLOOR_LEAVES`): ``roberta/embeddings/LayerNorm/...`` for RoBERTa and
+  (:data:`benchmarks.common.FLOOR_LEAVES`): ``roberta/embeddings/LayerNorm/...`` for RoBERTa and
   ``vit/embeddings/position_embeddings`` for ViT (its embeddings have no
   LayerNorm; the position embeddings are added to the patch and [CLS]
   embeddings right before the first encoder layer, so their gradient is the
@@ -28,10 +28,11 @@ trainable:
   RoBERTa LayerNorm's scale and bias).  The gradient has to travel back
   through every encoder layer to reach that leaf, but no weight gradient of
   any encoder layer is computed;
-* adapters (:data:`ADAPTER_METHODS`): ``cdvft``, ``lora``, ``vera`` and
-  ``fourierft`` on ``query`` and ``value`` of every layer plus the classifier,
-  via :func:`cdvft_jax.inject` and :func:`cdvft_jax.adapter_optimizer`, with
-  the configs of :func:`adapter_config` (the papers' settings).
+* adapters (:data:`benchmarks.common.ADAPTER_METHODS`: every registered
+  method, ``cdvft`` and the baselines) on ``query`` and ``value`` of every
+  layer plus the classifier, via :func:`cdvft_jax.inject` and
+  :func:`cdvft_jax.adapter_optimizer`, with the configs of
+  :func:`benchmarks.common.adapter_config` (the papers' settings).
 
 Why the floor matters
 ---------------------
@@ -79,10 +80,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -93,153 +91,37 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import cdvft_jax
+from benchmarks.common import (
+    BASELINE_METHODS,
+    METHODS,
+    MODELS,
+    REPO_ROOT,
+    SEED,
+    build_model,
+    host_info,
+    log,
+    make_inputs,
+    method_parts,
+    model_config,
+    names_parser,
+    non_negative_int,
+    positive_int,
+    tokens_per_example,
+    xla_flops,
+)
 from cdvft_jax import TrainState
 from cdvft_jax.params import Params
+from train.methods import Batch
 
-MODELS = ("roberta-base", "vit-base")
-BASELINE_METHODS = ("full", "head", "floor")
-ADAPTER_METHODS = cdvft_jax.method_names()
-METHODS = BASELINE_METHODS + ADAPTER_METHODS
-SEED = 0
-LEARNING_RATE = 1e-5  # plain AdamW of full / head / floor
-ADAPTER_LEARNING_RATE = 5e-2
-HEAD_LEARNING_RATE = 5e-3
-WEIGHT_DECAY = 0.01  # the same for every method, so every optimizer does the same work per leaf
 WARMUP_STEPS = 2
 RSS_STEPS = 3
-VIT_LABELS = 10
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Linux keeps ru_maxrss across exec: a child forked straight from this process (hundreds of MB
 # after importing jax and building the model) would report at least this process's RSS at the
 # fork.  A bare Python in between forks the measured child, so its peak is its own.
 RSS_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-Batch = dict[str, jax.Array]
-LossFn = Callable[[Params, Batch, jax.Array], jax.Array]
-
-# The leaf that ``floor`` trains besides the head: the earliest one in the network.
-FLOOR_LEAVES = {
-    "roberta-base": "roberta/embeddings/LayerNorm/",
-    "vit-base": "vit/embeddings/position_embeddings",
-}
-
-
-def adapter_config(method: str, model: str) -> cdvft_jax.AdapterConfig:
-    """The config of adapter ``method`` for ``model`` at the papers' settings (``MethodSpec.paper_settings``:
-    LoRA r=8 on RoBERTa-base, r=16 on ViT-base, with alpha = r; VeRA r=256; FourierFT n=1000, alpha 150 /
-    n=3000, alpha 300), query and value of every layer adapted, the classifier trained in full."""
-    spec = cdvft_jax.method_spec(method)
-    return spec.config_class(
-        target_modules=("query", "value"), modules_to_save=["classifier"], **spec.paper_settings[model]
-    )
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (stdout carries only the results)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def model_config(small: bool, model: str = "roberta-base", layers: int | None = None) -> Any:
-    """The model's base shape (Hugging Face config defaults), or a tiny one for smoke runs.
-
-    ``layers`` overrides the number of encoder layers (``--quick`` runs a truncated model).
-    """
-    from transformers import RobertaConfig, ViTConfig
-
-    tiny = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
-    overrides = {"num_hidden_layers": layers} if layers else {}
-    if model == "roberta-base":
-        shape = {"vocab_size": 1000, **tiny} if small else {}
-        return RobertaConfig(num_labels=2, **{**shape, **overrides})
-    if model == "vit-base":
-        shape = {"image_size": 32, "patch_size": 8, **tiny} if small else {}
-        return ViTConfig(num_labels=VIT_LABELS, **{**shape, **overrides})
-    raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-
-
-def model_class(model: str) -> type:
-    from transformers import FlaxRobertaForSequenceClassification, FlaxViTForImageClassification
-
-    return FlaxViTForImageClassification if model == "vit-base" else FlaxRobertaForSequenceClassification
-
-
-def build_model(small: bool, model: str = "roberta-base", layers: int | None = None, do_init: bool = True) -> Any:
-    """A randomly initialised model, seed :data:`SEED`; ``do_init=False`` allocates no params."""
-    return model_class(model)(model_config(small, model, layers), seed=SEED, _do_init=do_init)
-
-
-def make_batch(vocab_size: int, batch: int, seq_len: int) -> Batch:
-    """Random token ids (no special tokens), a full attention mask and random binary labels."""
-    rng = np.random.default_rng(SEED)
-    # ids 0..2 are <s>, <pad>, </s>; RoBERTa's position ids treat <pad> specially.
-    input_ids = rng.integers(3, vocab_size, size=(batch, seq_len), dtype=np.int32)
-    labels = rng.integers(0, 2, size=(batch,), dtype=np.int32)
-    return {
-        "input_ids": jnp.asarray(input_ids),
-        "attention_mask": jnp.ones((batch, seq_len), jnp.int32),
-        "labels": jnp.asarray(labels),
-    }
-
-
-def make_image_batch(config: Any, batch: int) -> Batch:
-    """Random ``(batch, channels, size, size)`` normal pixels and random labels."""
-    rng = np.random.default_rng(SEED)
-    shape = (batch, config.num_channels, config.image_size, config.image_size)
-    return {
-        "pixel_values": jnp.asarray(rng.standard_normal(shape, dtype=np.float32)),
-        "labels": jnp.asarray(rng.integers(0, config.num_labels, size=(batch,), dtype=np.int32)),
-    }
-
-
-def make_inputs(model: Any, kind: str, batch: int, seq_len: int) -> Batch:
-    """The benchmark batch of ``kind``; ``seq_len`` applies to text only."""
-    if kind == "vit-base":
-        return make_image_batch(model.config, batch)
-    return make_batch(model.config.vocab_size, batch, seq_len)
-
-
-def tokens_per_example(config: Any, kind: str, seq_len: int) -> int:
-    """Sequence length the encoder sees: ``seq_len`` for text, patches + [CLS] for ViT."""
-    if kind == "vit-base":
-        return (config.image_size // config.patch_size) ** 2 + 1
-    return seq_len
-
-
-def make_loss(apply: Callable[..., Any]) -> LossFn:
-    """Mean softmax cross-entropy of ``apply(**inputs, params=..., train=False)``, inputs = batch less labels."""
-
-    def loss_fn(params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
-        del rng  # dropout is off
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = apply(**inputs, params=params, train=False).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-    return loss_fn
-
-
-def trainable_predicate(method: str, kind: str) -> Callable[[str], bool]:
-    """Which leaves train, by ``/``-joined path, for the methods that are not adapters."""
-    if method == "full":
-        return lambda path: True
-    if method == "head":
-        return lambda path: path.startswith("classifier/")
-    if method == "floor":
-        return lambda path: path.startswith(("classifier/", FLOOR_LEAVES[kind]))
-    raise ValueError(f"{method!r} is not one of {', '.join(BASELINE_METHODS)}")
-
-
-def xla_flops(compiled: Any) -> float | None:
-    """``cost_analysis()["flops"]`` of a compiled executable (a dict, or a list of them in older jax)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    return None if flops is None else float(flops)
 
 
 @dataclasses.dataclass
@@ -273,34 +155,6 @@ class MethodRun:
         if not np.isfinite(loss):
             raise FloatingPointError(f"{self.name}: loss is {loss} at step {int(state.step)}")
         return elapsed
-
-
-class MethodParts(NamedTuple):
-    """What a method trains and how: the split of the shared model's params, its optimizer and loss."""
-
-    trainable: Params
-    frozen: Params
-    optimizer: optax.GradientTransformation
-    loss_fn: LossFn
-
-
-def method_parts(name: str, model: Any, kind: str = "roberta-base") -> MethodParts:
-    """Splits the shared model's params for ``name`` and builds its optimizer and loss."""
-    if name in ADAPTER_METHODS:
-        adapted = cdvft_jax.inject(model, adapter_config(name, kind))
-        trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
-        optimizer = cdvft_jax.adapter_optimizer(
-            adapted,
-            adapter_learning_rate=ADAPTER_LEARNING_RATE,
-            head_learning_rate=HEAD_LEARNING_RATE,
-            weight_decay=WEIGHT_DECAY,
-        )
-        return MethodParts(trainable, frozen, optimizer, make_loss(adapted))
-    if name in BASELINE_METHODS:
-        trainable, frozen = cdvft_jax.split_params(model.params, trainable_predicate(name, kind))
-        optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        return MethodParts(trainable, frozen, optimizer, make_loss(model))
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
 def setup_method(name: str, model: Any, kind: str = "roberta-base") -> MethodRun:
@@ -374,36 +228,6 @@ def measure_all_rss(args: argparse.Namespace) -> dict[str, float]:
 
     with ThreadPoolExecutor(max_workers=args.rss_jobs) as pool:
         return dict(zip(args.methods, pool.map(lambda name: measure_rss(name, args), args.methods), strict=True))
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name where available, else ``platform.processor()`` or the machine type."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def host_info() -> dict[str, Any]:
-    """Where the benchmark ran: CPU, cores, software versions, backend and the date."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = jax.devices()[0]
-    return {
-        "cpu": cpu_model(),
-        "cores": cores,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def model_label(args: argparse.Namespace) -> str:
@@ -494,33 +318,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[s
     return machine, summarize(timings, rss, machine["batch"] * machine["seq_len"])
 
 
-def names_parser(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """An argparse type: a comma-separated list of distinct names out of ``choices``."""
-
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items or set(items) - set(choices) or len(set(items)) != len(items):
-            raise argparse.ArgumentTypeError(f"expected distinct names out of {','.join(choices)}, got {text!r}")
-        return items
-
-    return parse
-
-
 parse_methods = names_parser(METHODS)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:

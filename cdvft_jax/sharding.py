@@ -23,18 +23,14 @@ and the all-reduce of the trainable gradients.
 Example:
   Sharding a run over every device, half of them FSDP (with ``trainable``,
   ``frozen``, ``optimizer``, ``loss_fn`` and host ``batches`` as for
-  :func:`~cdvft_jax.make_train_step`)::
+  :func:`~cdvft_jax.make_train_step`); :func:`shard_training` does the placing
+  and builds the step::
 
     mesh = make_mesh(parse_mesh(f"data=2,fsdp={jax.device_count() // 2}"))
-    frozen = shard_params(frozen, frozen_partition_specs(frozen, mesh), mesh)
-    state = init_train_state(trainable, optimizer)
-    state_shardings = state_shardings_for(state, mesh)
-    state = jax.device_put(state, state_shardings)
-    step = make_sharded_train_step(
-        loss_fn, optimizer, mesh, state_shardings, shardings_of(frozen), NamedSharding(mesh, batch_spec())
-    )
+    run = shard_training(loss_fn, optimizer, init_train_state(trainable, optimizer), frozen, mesh)
+    state = run.state
     for k, batch in enumerate(batches):
-        state, metrics = step(state, frozen, shard_batch(batch, mesh), jax.random.fold_in(rng, k))
+        state, metrics = run.train_step(state, run.frozen, shard_batch(batch, mesh), jax.random.fold_in(rng, k))
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +51,7 @@ from cdvft_jax.training import LossFn, TrainState, make_train_step
 
 __all__ = [
     "MESH_AXES",
+    "ShardedTraining",
     "batch_spec",
     "frozen_partition_specs",
     "global_batch_from_local",
@@ -67,6 +64,7 @@ __all__ = [
     "process_batch_slice",
     "shard_batch",
     "shard_params",
+    "shard_training",
     "shardings_of",
     "state_shardings_for",
     "trainable_partition_specs",
@@ -281,6 +279,46 @@ def make_sharded_train_step(
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+class ShardedTraining(NamedTuple):
+    """A run laid out on a mesh by :func:`shard_training`.
+
+    Attributes:
+      state: the train state, replicated (:func:`state_shardings_for`).
+      frozen: the frozen tree, FSDP-sharded (:func:`frozen_partition_specs`).
+      train_step: :func:`make_sharded_train_step`'s step for them, batches split by :func:`batch_spec`.
+      state_shardings: the state's layout, e.g. for a checkpoint's restore template.
+    """
+
+    state: TrainState
+    frozen: Any
+    train_step: Callable[[TrainState, Params, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    state_shardings: TrainState
+
+
+def shard_training(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    frozen: Params,
+    mesh: Mesh,
+    *,
+    min_size: int = 2**14,
+) -> ShardedTraining:
+    """Places a run on ``mesh`` and builds its step: the one way the programs and benchmarks shard training.
+
+    The frozen tree is FSDP-sharded (leaves of ``min_size`` elements or more, see
+    :func:`frozen_partition_specs`), the state replicated, and the step jitted with those layouts and
+    batches split over ``data`` x ``fsdp``; pass it batches placed by :func:`shard_batch` (or
+    :func:`global_batch_from_local` when each process loads its part).
+    """
+    frozen = shard_params(frozen, frozen_partition_specs(frozen, mesh, min_size=min_size), mesh)
+    state_shardings = state_shardings_for(state, mesh)
+    step = make_sharded_train_step(
+        loss_fn, optimizer, mesh, state_shardings, shardings_of(frozen), NamedSharding(mesh, batch_spec())
+    )
+    return ShardedTraining(jax.device_put(state, state_shardings), frozen, step, state_shardings)
 
 
 def _check_batch_size(mesh: Mesh, global_size: int) -> None:

@@ -182,6 +182,35 @@ def interrupt_train_step_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(cdvft_jax, "make_train_step", make_interrupted_step)
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` as TensorBoard shows a folder of event files.
+
+    The files are read in the order they were started (their first event's time); a ``SessionLog``
+    START at step ``n`` (a resumed run's ``purge_step``) hides the events seen so far at steps >= ``n``.
+    """
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    def events(path: Path) -> list:
+        data, out, at = path.read_bytes(), [], 0
+        while at < len(data):  # TFRecord: length (u64), its CRC (u32), the record, its CRC (u32)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            out.append(Event.FromString(data[at + 12 : at + 12 + length]))
+            at += 12 + length + 4
+        return out
+
+    files = sorted((events(p) for p in folder.glob("events.out.tfevents.*")), key=lambda e: e[0].wall_time)
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in files:
+        for event in file:
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in values if s < event.step] for tag, values in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def run_two_cpu_processes(command_of: Callable[[int], list[str]], cwd: Path, timeout: float) -> list[tuple[int, str]]:
     """Runs ``command_of(i)`` for ``i`` in 0, 1 as one JAX job of 2 processes x 4 CPU devices.
 

@@ -15,6 +15,7 @@ machine is preempted; the test then resumes the run and compares it with an unin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ def main(point: str, occurrence: int, argv: list[str]) -> None:
     import cdvft_jax
     from cdvft_jax import adapter_io
     from cdvft_jax.checkpoint import TrainingCheckpointer
-    from train import loop, text
+    from train import hooks, text
 
     seen = 0
 
@@ -64,17 +65,17 @@ def main(point: str, occurrence: int, argv: list[str]) -> None:
 
         TrainingCheckpointer.maybe_save = dying_save
     elif point == "log":
-        real_append = loop._append_jsonl
+        real_append = hooks.append_jsonl
 
         def dying_append(path, record):
             if count():
-                line = loop.json.dumps(record) + "\n"
+                line = json.dumps(record) + "\n"
                 with path.open("a") as f:
                     f.write(line[: len(line) // 2])
                 die()
             real_append(path, record)
 
-        loop._append_jsonl = dying_append
+        hooks.append_jsonl = dying_append
     elif point == "adapter":
         real_write = adapter_io._write_durably
 

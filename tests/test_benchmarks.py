@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import __main__ as suite
 from benchmarks import params
-from benchmarks.step_time import METHODS, MODELS
+from benchmarks.common import METHODS, MODELS
 
 TRAIN_STEP_KEYS = {
     "model": str,

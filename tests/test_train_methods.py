@@ -8,7 +8,8 @@ from conftest import make_model
 
 import cdvft_jax
 from train import image, text
-from train.loop import DEFAULT_LEARNING_RATES, ConfigError, TrainSettings, adapter_config, setup_method
+from train.loop import ConfigError, TrainSettings, adapter_config, setup_method
+from train.methods import DEFAULT_LEARNING_RATES
 
 # The defaults as the README states them: CDVFT's measured rate, the papers' RoBERTa-base rates of the
 # baselines, full fine-tuning's.  Written out, so a change to a default must change this line too.
@@ -124,7 +125,7 @@ def test_each_method_steps_at_its_own_learning_rate(method, prefix):
 
 
 def test_the_schedule_warms_up_linearly_then_decays_linearly_to_zero():
-    from train.loop import schedule
+    from train.methods import schedule
 
     peak, total = 2e-3, 100
     rates = schedule(peak, total, warmup_ratio=0.06)  # 6 warm-up steps, then 94 of decay

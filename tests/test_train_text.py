@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import interrupt_train_step_at, run_two_cpu_processes
+from conftest import interrupt_train_step_at, run_two_cpu_processes, tensorboard_scalars
 from text_process import MARKER as WRITES_MARKER
 
 import cdvft_jax
@@ -47,6 +47,11 @@ def test_sst2_run_writes_what_it_claims(tmp_path, tiny_model):
     assert results["best"]["accuracy"] == best["accuracy"] and results["best_epoch"] == best["epoch"]
     # Accuracy on 40 examples is a multiple of 1/40.
     assert float(results["best"]["accuracy"] * 40).is_integer()
+    # TensorBoard shows what metrics.jsonl holds (as float32), and the running loss at the last step.
+    scalars = tensorboard_scalars(tmp_path / "out" / "tensorboard" / "cdvft")
+    assert scalars["dev/accuracy"] == [(r["step"], np.float32(r["accuracy"])) for r in records]
+    assert scalars["train/epoch_loss"] == [(r["step"], np.float32(r["train_loss"])) for r in records[1:]]
+    assert scalars["train/loss"] == [(8, np.float32(records[-1]["train_loss"]))]
     # The trained adapter is saved and loads back into a fresh base model.
     from transformers import FlaxBertForSequenceClassification
 
@@ -161,6 +166,11 @@ def test_resume_after_an_interruption_ends_where_a_straight_run_ends(tmp_path, t
 
     assert resumed_records == straight_records
     assert resumed["best"] == straight["best"]
+    # TensorBoard hides what the cut-short run logged after its last checkpoint, so both show the same.
+    tensorboard = [tmp_path / name / "out" / "tensorboard" / "cdvft" for name in ("straight", "resumed")]
+    assert len(list(tensorboard[1].glob("events.out.tfevents.*"))) == 2
+    assert tensorboard_scalars(tensorboard[1]) == tensorboard_scalars(tensorboard[0])
+    assert [step for step, _ in tensorboard_scalars(tensorboard[0])["dev/matthews_correlation"]] == [0, 3, 6]
     saved = [
         safetensors.numpy.load_file(tmp_path / name / "out" / "adapter" / "adapter_model.safetensors")
         for name in ("straight", "resumed")
@@ -276,3 +286,19 @@ def test_two_processes_match_one_process_through_an_interruption(tmp_path, tiny_
     assert [interrupted[1][2], resumed[1][2]] == [[], []], "process 1 wrote files of the run"
     _assert_same_run(out, eight_device_run)
     assert steps() == ["2", "4"]
+
+
+def test_a_resumed_tensorboard_log_hides_what_the_cut_short_run_logged_after_its_checkpoint(tmp_path):
+    from train.hooks import TensorBoardHook
+
+    def record(step, accuracy):
+        return {"method": "cdvft", "step": step, "epoch": step // 3, "train_loss": None, "accuracy": accuracy}
+
+    cut_short = TensorBoardHook(tmp_path, ["accuracy"])
+    for step, accuracy in ((0, 0.5), (3, 0.625)):  # evaluated at step 3, killed before the next checkpoint
+        cut_short.on_evaluation(record(step, accuracy))
+    cut_short.on_abort()
+    resumed = TensorBoardHook(tmp_path, ["accuracy"], purge_step=2)  # restored from the checkpoint of step 2
+    resumed.on_evaluation(record(3, 0.75))
+    resumed.on_finish(None)
+    assert tensorboard_scalars(tmp_path)["dev/accuracy"] == [(0, 0.5), (3, 0.75)]

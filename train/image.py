@@ -29,14 +29,11 @@ from PIL import Image
 
 from train.data import DataError
 from train.loop import (
-    METHODS,
-    Batch,
     ConfigError,
     Evaluation,
     RunConfig,
     TrainSettings,
     add_run_arguments,
-    default_learning_rate,
     digest,
     mesh_from_flag,
     model_digest,
@@ -46,6 +43,7 @@ from train.loop import (
     train_and_evaluate,
     write_results,
 )
+from train.methods import METHODS, Batch, default_learning_rate
 from train.metrics import compute_metrics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -302,6 +300,7 @@ def run(config: ImageConfig) -> dict:
         adapter_dir=config.output_dir / "adapter",
         base_model=config.model,
         checkpoint_dir=config.output_dir / "checkpoints" / config.method,
+        tensorboard_dir=config.output_dir / "tensorboard" / config.method,
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         mesh=mesh,

@@ -10,7 +10,6 @@ text or images.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,48 +23,32 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
+from jax.sharding import Mesh
 
 import cdvft_jax
 from cdvft_jax import sharding
-from cdvft_jax.checkpoint import CheckpointWriteError, TrainingCheckpointer
-from cdvft_jax.config import matches_within
-
-# The adapter methods come from the library's registry; ``head`` and ``full`` are the programs' own.
-ADAPTER_METHODS = cdvft_jax.method_names()
-METHODS = (*ADAPTER_METHODS, "head", "full")
-FULL_LEARNING_RATE = 2e-5
-# Peak learning rate of the adapter leaves (of every weight for ``full``) when no flag sets one: each
-# adapter method's own (``AdapterMethod.learning_rate``); ``head`` trains at the head rate.
-DEFAULT_LEARNING_RATES = {
-    **{name: cdvft_jax.method_spec(name).method.learning_rate for name in ADAPTER_METHODS},
-    "full": FULL_LEARNING_RATE,
-}
-# The settings (named like the config fields they set) that size each adapter method.
-_METHOD_SIZES = {name: tuple(s.field for s in cdvft_jax.method_spec(name).sizes) for name in ADAPTER_METHODS}
-
-
-def default_learning_rate(method: str) -> float:
-    """The peak learning rate of ``method`` when no flag sets one (``head`` uses the head rate, not this).
-
-    Raises:
-      SystemExit: ``method`` is not one of :data:`METHODS`.
-    """
-    if method not in METHODS:
-        raise SystemExit(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    return DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["cdvft"])
-
-
-class Batch(NamedTuple):
-    """One batch: model keyword inputs, labels, and weights (0 for rows that only fill the last eval batch)."""
-
-    inputs: dict[str, np.ndarray]
-    labels: np.ndarray
-    weights: np.ndarray
+from cdvft_jax.checkpoint import TrainingCheckpointer
+from train.hooks import (
+    CheckpointHook,
+    Hook,
+    MetricsLogHook,
+    ProgressHook,
+    StepEvent,
+    TensorBoardHook,
+    tensorboard_available,
+)
+from train.methods import (
+    ADAPTER_METHODS,
+    METHOD_SIZES,
+    METHODS,
+    Batch,
+    MethodSetup,
+    build_method,
+    default_learning_rate,
+    schedule,
+)
+from train.runtime import make_runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +101,9 @@ class TrainSettings:
         _check_number(self.weight_decay, "weight_decay", low=0.0)
         _check_number(self.warmup_ratio, "warmup_ratio", low=0.0, below=1.0)
         _check_count(self.seed, "seed", low=0)
-        if self.method in _METHOD_SIZES:
-            every_size = {size for sizes in _METHOD_SIZES.values() for size in sizes}
-            stray = sorted(f for f in every_size - set(_METHOD_SIZES[self.method]) if getattr(self, f) is not None)
+        if self.method in METHOD_SIZES:
+            every_size = {size for sizes in METHOD_SIZES.values() for size in sizes}
+            stray = sorted(f for f in every_size - set(METHOD_SIZES[self.method]) if getattr(self, f) is not None)
             if stray:
                 raise ConfigError(f"{', '.join(map(_flag, stray))} does not apply to --method {self.method}")
 
@@ -230,7 +213,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) 
 
 
 # What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter")
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter", "tensorboard")
 # Config fields that do not change what a run computes: where it writes, how it restarts, on which devices
 # (restoring onto another mesh is a feature); and the paths of the data, which may move: the data itself
 # is fingerprinted by content.
@@ -460,34 +443,6 @@ def mesh_from_flag(
     return sharding.make_mesh(sharding.parse_mesh(spec))
 
 
-class MethodSetup(NamedTuple):
-    """What a fine-tuning method hands the loop."""
-
-    apply: Callable[..., Any]
-    trainable: dict
-    frozen: dict
-    optimizer: optax.GradientTransformation
-    describe: str
-    adapted: cdvft_jax.AdaptedModel | None = None
-
-
-def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps (at least one), then linear decay to zero.
-
-    >>> rates = schedule(1.0, total_steps=10, warmup_ratio=0.2)
-    >>> [round(float(rates(step)), 3) for step in (0, 1, 2, 6, 10)]
-    [0.0, 0.5, 1.0, 0.5, 0.0]
-    """
-    warmup = max(1, round(warmup_ratio * total_steps))
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, warmup),
-            optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup)),
-        ],
-        [warmup],
-    )
-
-
 def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfig:
     """The adapter config of method ``name`` (one of :data:`ADAPTER_METHODS`) from ``settings``.
 
@@ -496,7 +451,7 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
     Raises:
       SystemExit: if a value does not make a valid config.
     """
-    fields = {f: getattr(settings, f) for f in _METHOD_SIZES[name] if getattr(settings, f) is not None}
+    fields = {f: getattr(settings, f) for f in METHOD_SIZES[name] if getattr(settings, f) is not None}
     if settings.alpha is not None:
         fields["alpha"] = settings.alpha
     config_class = cdvft_jax.method_spec(name).config_class
@@ -509,59 +464,18 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
 
 
 def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: int) -> MethodSetup:
-    """The trainable/frozen split and optimizer of method ``name`` for a Hugging Face Flax ``model``."""
-    head_lr = schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio)
+    """:func:`~train.methods.build_method` for method ``name`` with ``settings``' rates, schedule and sizes."""
     peak = default_learning_rate(name) if settings.learning_rate is None else settings.learning_rate
-
-    def in_head(path: str) -> bool:
-        return matches_within(path, settings.head_modules)
-
-    if name in ADAPTER_METHODS:
-        adapted = cdvft_jax.inject(model, adapter_config(name, settings))
-        params = adapted.init(jax.random.key(settings.seed), model.params)
-        trainable, frozen = adapted.split(params)
-        optimizer = cdvft_jax.adapter_optimizer(
-            adapted,
-            adapter_learning_rate=schedule(peak, total_steps, settings.warmup_ratio),
-            head_learning_rate=head_lr,
-            weight_decay=settings.weight_decay,
-        )
-        return MethodSetup(adapted, trainable, frozen, optimizer, str(adapted.summary(params)), adapted)
-    if name == "head":
-        trainable, frozen = cdvft_jax.split_params(model.params, in_head)
-        optimizer = optax.adamw(head_lr, weight_decay=settings.weight_decay)
-    elif name == "full":
-        trainable, frozen = cdvft_jax.split_params(model.params, lambda path: True)
-        optimizer = optax.adamw(schedule(peak, total_steps, settings.warmup_ratio), weight_decay=settings.weight_decay)
-    else:
-        raise SystemExit(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
-    count = cdvft_jax.count_params(trainable)
-    total = count + cdvft_jax.count_params(frozen)
-    return MethodSetup(model.__call__, trainable, frozen, optimizer, f"trainable params: {count:,} of {total:,}")
-
-
-def make_loss(apply: Callable[..., Any], regression: bool):
-    """Mean cross-entropy (or squared error for regression), weighted by ``batch.weights``."""
-
-    def loss_fn(params, batch: Batch, rng: jax.Array) -> jax.Array:
-        logits = apply(**batch.inputs, params=params, train=True, dropout_rng=rng).logits
-        if regression:
-            per_example = (logits[:, 0] - batch.labels) ** 2
-        else:
-            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-        return jnp.sum(per_example * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
-
-    return loss_fn
-
-
-def make_predict(apply: Callable[..., Any], regression: bool):
-    """``predict(params, batch)``: class ids, or scores for regression."""
-
-    def predict(params, batch: Batch) -> jax.Array:
-        logits = apply(**batch.inputs, params=params, train=False).logits
-        return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
-
-    return predict
+    return build_method(
+        name,
+        model,
+        config=adapter_config(name, settings) if name in ADAPTER_METHODS else None,
+        head_modules=settings.head_modules,
+        learning_rate=schedule(peak, total_steps, settings.warmup_ratio),
+        head_learning_rate=schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio),
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+    )
 
 
 class Evaluation(NamedTuple):
@@ -651,6 +565,8 @@ def train_and_evaluate(
     checkpoint_every: int | None = None,
     resume: bool = False,
     mesh: Mesh | None = None,
+    tensorboard_dir: Path | None = None,
+    extra_hooks: Sequence[Hook] = (),
 ) -> dict:
     """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
 
@@ -675,7 +591,11 @@ def train_and_evaluate(
         along ``fsdp``, the batch split over ``data`` x ``fsdp``, the trainable state replicated.
         ``None`` runs on one device.  With several processes every process iterates the same global
         batches and copies only its own rows (``sharding.local_rows``) to its devices; predictions
-        come back replicated, so every process computes the same metrics.
+        come back replicated, so every process computes the same metrics (:func:`~train.runtime.make_runtime`).
+      tensorboard_dir: also write TensorBoard events there when ``tensorboardX`` is installed
+        (:class:`~train.hooks.TensorBoardHook`).
+      extra_hooks: more :class:`~train.hooks.Hook`\\ s, called after the built-in ones (checkpoints, the
+        metrics log, progress, TensorBoard).
 
     Returns:
       The run's summary: trainable params, the dev metrics ``before`` training, at the ``best`` epoch
@@ -689,36 +609,8 @@ def train_and_evaluate(
         total_steps = min(total_steps, settings.max_steps)
     setup = setup_method(method, model, settings, total_steps)
     print(f"[{method}] {setup.describe}", flush=True)
-    state = cdvft_jax.init_train_state(setup.trainable, setup.optimizer)
-    frozen = setup.frozen
-    loss_fn = make_loss(setup.apply, regression)
-    if mesh is None:
-        train_step = cdvft_jax.make_train_step(loss_fn, setup.optimizer)
-        place = lambda batch: batch  # noqa: E731
-    else:
-        frozen = sharding.shard_params(frozen, sharding.frozen_partition_specs(frozen, mesh), mesh)
-        state = jax.device_put(state, sharding.state_shardings_for(state, mesh))
-        batch_sharding = NamedSharding(mesh, sharding.batch_spec())
-        train_step = sharding.make_sharded_train_step(
-            loss_fn,
-            setup.optimizer,
-            mesh,
-            sharding.state_shardings_for(state, mesh),
-            sharding.shardings_of(frozen),
-            batch_sharding,
-        )
-        # Every process holds the same global batch and places only its own rows.
-        place = lambda batch: sharding.global_batch_from_local(sharding.local_rows(batch, mesh), mesh)  # noqa: E731
-    eval_step = cdvft_jax.make_eval_step(make_predict(setup.apply, regression))
-    dropout_key = jax.random.key(settings.seed)
-    if mesh is not None:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        # Replicated predictions can be read on every process (a batch-sharded output spans all hosts).
-        sharded_eval_step = jax.jit(eval_step, out_shardings=replicated)
-        eval_step = lambda trainable, frozen, batch: sharded_eval_step(trainable, frozen, place(batch))  # noqa: E731
-        # device_put takes a cross-process sharding for host arrays, not for typed keys.
-        key_data = jax.device_put(np.asarray(jax.random.key_data(dropout_key)), replicated)
-        dropout_key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(dropout_key))
+    runtime = make_runtime(setup, regression=regression, seed=settings.seed, mesh=mesh)
+    state, frozen, dropout_key = runtime.state, runtime.frozen, runtime.dropout_key
 
     resume_from = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
     checkpointer = None
@@ -729,54 +621,53 @@ def train_and_evaluate(
             state, dropout_key, resume_from = restored
             print(f"[{method}] resumed from step {int(state.step)} in {checkpoint_dir}", flush=True)
     step = int(state.step)
+    hooks: list[Hook] = [] if checkpointer is None else [CheckpointHook(checkpointer)]
+    hooks += [MetricsLogHook(log_path), ProgressHook(description, method, total_steps)]
+    if tensorboard_dir is not None and tensorboard_available():
+        hooks.append(TensorBoardHook(tensorboard_dir, evaluation.metric_names, purge_step=step or None))
+    elif tensorboard_dir is not None:
+        print(f"[{method}] no TensorBoard events: tensorboardX is not installed (metrics.jsonl has it all)", flush=True)
+    hooks += extra_hooks
     # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
     records = _logged_records(log_path, method, step) if resume else []
-    if not records:
-        before = evaluate(eval_step, state.trainable, frozen, evaluation)
-        records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
-        _append_jsonl(log_path, records[-1])
-
-    first_step, start = step, time.perf_counter()
-    position: dict[str, Any] | Callable[[], dict[str, Any]] = resume_from  # where the last step left the data
     try:
-        with tqdm(total=total_steps, initial=step, desc=description, unit="step", dynamic_ncols=True) as bar:
-            for epoch in range(resume_from["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
-                resumed_here = epoch == resume_from["epoch"]
-                skip = resume_from["batch"] if resumed_here else 0
+        if not records:
+            before = evaluate(runtime.eval_step, state.trainable, frozen, evaluation)
+            records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
+            _notify(hooks, "on_evaluation", records[-1])
+        for hook in hooks:
+            hook.on_start(step)
+        first_step, start = step, time.perf_counter()
+        position: dict[str, Any] | Callable[[], dict[str, Any]] = resume_from  # where the last step left the data
+        losses = RunningLoss(resume_from["loss_sum"], resume_from["loss_count"])
+        examples = 0
+        for epoch in range(resume_from["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
+            resumed_here = epoch == resume_from["epoch"]
+            skip = resume_from["batch"] if resumed_here else 0
+            if not resumed_here:
                 losses = RunningLoss()
-                if resumed_here:
-                    losses = RunningLoss(resume_from["loss_sum"], resume_from["loss_count"])
-                for index, batch in enumerate(train_batches(epoch)):
-                    if index < skip:
-                        continue  # consumed before the restart; iterating keeps any augmentation RNG in step
-                    if step == total_steps:
-                        break
-                    state, metrics = train_step(state, frozen, place(batch), jax.random.fold_in(dropout_key, step))
-                    step += 1
-                    losses.add(step, metrics["loss"], metrics["finite"])
-                    position = functools.partial(losses.position, epoch, index + 1)
-                    if checkpointer is not None:
-                        checkpointer.maybe_save(step, state, dropout_key, position)
-                    if step % 10 == 0 or step == total_steps:
-                        rate = (step - first_step) * len(batch.labels) / (time.perf_counter() - start)
-                        bar.set_postfix(loss=f"{losses.mean():.4f}", ex_per_s=f"{rate:.0f}")
-                    bar.update(1)
-                if any(r["epoch"] == epoch for r in records):
-                    continue  # evaluated before the restart
-                train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
-                result = evaluate(eval_step, state.trainable, frozen, evaluation)
-                records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
-                _append_jsonl(log_path, records[-1])
-                bar.write(f"[{method}] epoch {epoch}: train loss {train_loss:.4f}, dev {_fmt(result)}")
-        if checkpointer is not None:
-            checkpointer.maybe_save(step, state, dropout_key, position, force=True)
+            for index, batch in enumerate(train_batches(epoch)):
+                if index < skip:
+                    continue  # consumed before the restart; iterating keeps any augmentation RNG in step
+                if step == total_steps:
+                    break
+                state, metrics = runtime.train_step(state, frozen, batch, jax.random.fold_in(dropout_key, step))
+                step += 1
+                losses.add(step, metrics["loss"], metrics["finite"])
+                position = functools.partial(losses.position, epoch, index + 1)
+                examples = len(batch.labels)
+                _notify(hooks, "on_step", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
+            if any(r["epoch"] == epoch for r in records):
+                continue  # evaluated before the restart
+            train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
+            result = evaluate(runtime.eval_step, state.trainable, frozen, evaluation)
+            records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
+            _notify(hooks, "on_evaluation", records[-1])
+        _notify(hooks, "on_finish", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
     except BaseException:
-        if checkpointer is not None:
-            with contextlib.suppress(CheckpointWriteError):  # the error in flight says more than a failed save
-                checkpointer.close()
+        for hook in hooks:
+            hook.on_abort()
         raise
-    if checkpointer is not None:
-        checkpointer.close()  # waits for pending asynchronous saves
     seconds = time.perf_counter() - start
     cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
     if adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
@@ -797,13 +688,14 @@ def train_and_evaluate(
     }
 
 
+def _notify(hooks: Sequence[Hook], event: str, argument: Any) -> None:
+    for hook in hooks:
+        getattr(hook, event)(argument)
+
+
 def _score(record: dict, metric: str) -> float:
     value = record[metric]
     return -math.inf if value is None or math.isnan(value) else value
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def _logged_records(path: Path, method: str, step: int) -> list[dict]:
@@ -829,15 +721,6 @@ def _logged_records(path: Path, method: str, step: int) -> list[dict]:
     if sharding.is_main_process():  # atomically: other processes may be reading the file
         _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     return [r for r in kept if r["method"] == method]
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    if not sharding.is_main_process():
-        return  # one writer per run: process 0
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_results(

@@ -29,14 +29,11 @@ import numpy as np
 
 from train.data import Example, TaskSpec, find_task, read_glue_split, read_hub_glue, read_table, tweets_dataset
 from train.loop import (
-    METHODS,
-    Batch,
     ConfigError,
     Evaluation,
     RunConfig,
     TrainSettings,
     add_run_arguments,
-    default_learning_rate,
     digest,
     mesh_from_flag,
     model_digest,
@@ -46,6 +43,7 @@ from train.loop import (
     train_and_evaluate,
     write_results,
 )
+from train.methods import METHODS, Batch, default_learning_rate
 from train.metrics import compute_metrics
 
 PAD_MULTIPLE = 16  # pad batches to a multiple of this, so few shapes are compiled
@@ -308,6 +306,7 @@ def run(config: TextConfig) -> dict:
                 adapter_dir=config.output_dir / "adapter" if index == 0 else None,
                 base_model=model_path,
                 checkpoint_dir=config.output_dir / "checkpoints" / name,
+                tensorboard_dir=config.output_dir / "tensorboard" / name,
                 checkpoint_every=config.checkpoint_every,
                 resume=config.resume,
                 mesh=mesh,
