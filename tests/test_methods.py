@@ -469,16 +469,16 @@ def test_the_registry_states_each_method_once_and_refuses_bad_entries():
     with pytest.raises(ValueError, match="adapter method 'lora' is already registered"):
         register(MethodSpec(LORA._replace(learning_rate=1.0), LoRAConfig))
     assert cdvft_jax.method_spec("lora") is lora  # nothing above changed the registry
-    # The programs' size flags come from the registry, with each method's default.
-    import argparse
-    from pathlib import Path
+    # The programs' size settings (fields, hence flags) come from the registry, with each method's default.
+    from train.loop import TrainSettings, size_helps
 
-    from train.loop import add_run_arguments
-
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser, default_output=Path("out"))
-    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
-    assert helps["--rank"] == (
+    helps = size_helps()
+    assert helps["rank"] == (
         "lora: the rank r of dW = A @ B (default 8); vera: the rank of the shared random projections (default 256)"
     )
-    assert helps["--n-frequency"] == "fourierft: spectral coefficients per layer (default 1000)"
+    assert helps["n_frequency"] == "fourierft: spectral coefficients per layer (default 1000)"
+    assert (
+        helps["block_size"].startswith("cdvft: circulant block size p")
+        and "; c3a: circulant block size b" in helps["block_size"]
+    )
+    assert {"block_size", "rank", "n_frequency"} <= {f.name for f in dataclasses.fields(TrainSettings)}

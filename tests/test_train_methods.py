@@ -13,7 +13,7 @@ from train.methods import DEFAULT_LEARNING_RATES
 
 # The defaults as the README states them: CDVFT's measured rate, the papers' RoBERTa-base rates of the
 # baselines, full fine-tuning's.  Written out, so a change to a default must change this line too.
-DOCUMENTED_RATES = {"cdvft": 5e-3, "lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2, "c3a": 1e-1, "full": 2e-5}
+DOCUMENTED_RATES = {"cdvft": 5e-3, "lora": 5e-4, "vera": 1e-2, "fourierft": 5e-2, "c3a": 1.0, "full": 2e-5}
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 

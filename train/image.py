@@ -15,7 +15,6 @@ Outputs in ``--output-dir`` are those of ``train.text``: ``metrics.jsonl`` and `
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import tyro
 from PIL import Image
 
 from train.data import DataError
@@ -33,17 +33,17 @@ from train.loop import (
     Evaluation,
     RunConfig,
     TrainSettings,
-    add_run_arguments,
     digest,
     mesh_from_flag,
     model_digest,
+    parse_config,
     prepare_output,
     run_fingerprint,
     summary_table,
     train_and_evaluate,
     write_results,
 )
-from train.methods import METHODS, Batch, default_learning_rate
+from train.methods import Batch
 from train.metrics import compute_metrics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -63,6 +63,15 @@ class ImageConfig(RunConfig):
     """Everything one image run needs; built by :func:`parse_args`.
 
     The training and run fields come from :class:`~train.loop.RunConfig`; these are the image ones.
+
+    Attributes:
+      model: hub name or local folder of a ViT checkpoint.
+      dataset: digits (offline) or a Hugging Face datasets name (online).
+      image_dir: folder with one sub-folder of images per class.
+      eval_dir: evaluation folder in the same layout.
+      eval_fraction: held-out share when there is no eval_dir.
+      epochs: passes over the training data.
+      output_dir: where metrics.jsonl, results.json, the adapter and checkpoints go.
     """
 
     model: str
@@ -319,29 +328,10 @@ def run(config: ImageConfig) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ImageConfig:
-    """Command line -> :class:`ImageConfig`."""
-    p = argparse.ArgumentParser(prog="python -m train.image", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="hub name or local folder of a ViT checkpoint")
-    p.add_argument("--method", default="cdvft", choices=METHODS)
-    p.add_argument("--dataset", help="digits (offline) or a Hugging Face datasets name (online)")
-    p.add_argument("--image-dir", type=Path, help="folder with one sub-folder of images per class")
-    p.add_argument("--eval-dir", type=Path, help="evaluation folder in the same layout")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no --eval-dir")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, help="adapter (full: every weight) peak rate (default: the method's)")
-    p.add_argument("--head-learning-rate", type=float, default=TrainSettings.head_learning_rate)
-    p.add_argument("--alpha", type=float, help="adapter scale (default: the method's)")
-    p.add_argument("--max-train-samples", type=int)
-    p.add_argument("--max-eval-samples", type=int)
-    add_run_arguments(p, default_output=Path("outputs/image"))
-    args = p.parse_args(argv)
-    if args.learning_rate is None:
-        args.learning_rate = default_learning_rate(args.method)
-    try:
-        return ImageConfig(**vars(args))
-    except ConfigError as e:
-        p.error(str(e))
+    """Command line -> :class:`ImageConfig` (``--model`` is required)."""
+    return parse_config(
+        ImageConfig, argv, prog="python -m train.image", description=__doc__.split("\n\n")[0], model=tyro.MISSING
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

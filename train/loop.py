@@ -9,7 +9,6 @@ text or images.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -17,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import tyro
 from jax.sharding import Mesh
 
 import cdvft_jax
@@ -51,20 +52,46 @@ from train.methods import (
 from train.runtime import make_runtime
 
 
+def size_helps() -> dict[str, str]:
+    """``{size field: "method: what it sets (default ...); ..."}`` over the registered methods."""
+    helps: dict[str, list[str]] = {}
+    for name in ADAPTER_METHODS:
+        spec = cdvft_jax.method_spec(name)
+        for size in spec.sizes:
+            default = spec.default(size.field)
+            shown = "" if default is None else f" (default {default})"
+            helps.setdefault(size.field, []).append(f"{name}: {size.help}{shown}")
+    return {field: "; ".join(parts) for field, parts in helps.items()}
+
+
+def _method_sizes_class() -> type:
+    # One ``int | None`` field per size setting of the registered methods, documented from the registry,
+    # so that a new method's size flag (``--block-size``, ``--rank``, ...) needs no line here.
+    helps = size_helps()
+    doc = "The registered methods' size settings (``None``: the method's default).\n\nAttributes:\n"
+    doc += "".join(f"  {field}: {text}\n" for field, text in helps.items())
+    fields = [(field, int | None, dataclasses.field(default=None)) for field in helps]
+    sizes = dataclasses.make_dataclass("MethodSizes", fields, frozen=True, kw_only=True, namespace={"__doc__": doc})
+    sizes.__module__ = __name__
+    return sizes
+
+
+MethodSizes = _method_sizes_class()
+METHOD_SIZES_FIELDS = tuple(f.name for f in dataclasses.fields(MethodSizes))
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """How to fine-tune, independent of the data.
+class TrainSettings(MethodSizes):
+    """How to fine-tune, independent of the data (and each method's size, from :class:`MethodSizes`).
 
     Attributes:
-      method: one of :data:`METHODS`.
+      method: one of the adapter methods of the registry (cdvft, lora, ...), head (the classifier
+        only) or full.
       epochs: passes over the training data.
-      learning_rate: peak rate of the adapter vectors (of every weight for ``full``; unused by ``head``);
-        ``None`` is the method's default (:func:`default_learning_rate`).
-      head_learning_rate: peak rate of the classifier head (adapter methods and ``head``).
-      alpha: the adapter's scale (``None``: the method's default; LoRA scales by ``alpha / rank``).
-      block_size: CDVFT circulant block size (``None``: one block per square layer).
-      rank: LoRA / VeRA rank (``None``: 8 for LoRA, 256 for VeRA).
-      n_frequency: FourierFT spectral coefficients per layer (``None``: 1000).
+      learning_rate: peak rate of the adapter vectors (of every weight for full; unused by head);
+        None is the method's default (cdvft 5e-3, the papers' for the baselines, full 2e-5).
+      head_learning_rate: peak rate of the classifier head (adapter methods and head).
+      alpha: the adapter's scale (None: the method's default; LoRA scales by alpha / rank).
       weight_decay: AdamW decoupled weight decay.
       warmup_ratio: share of the steps with a linear warm-up.
       max_steps: stop after this many optimizer steps.
@@ -78,9 +105,6 @@ class TrainSettings:
     learning_rate: float | None = None
     head_learning_rate: float = 5e-3
     alpha: float | None = None
-    block_size: int | None = None
-    rank: int | None = None
-    n_frequency: int | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_steps: int | None = None
@@ -92,7 +116,7 @@ class TrainSettings:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         _check_count(self.epochs, "epochs")
-        for name in ("block_size", "rank", "n_frequency", "max_steps"):
+        for name in (*METHOD_SIZES_FIELDS, "max_steps"):
             _check_count(getattr(self, name), name, optional=True)
         _check_rate(self.learning_rate, "learning_rate", optional=True)
         _check_rate(self.head_learning_rate, "head_learning_rate")
@@ -124,10 +148,11 @@ class RunConfig(TrainSettings):
       max_eval_samples: evaluate on a fixed random subset of this size.
       output_dir: where ``metrics.jsonl``, ``results.json``, the adapter and checkpoints go.
       checkpoint_every: save the trainable state every N steps (and at the end).
-      resume: continue from the latest checkpoint in ``output_dir`` (its settings must be the same).
-      overwrite: replace the run already in ``output_dir`` (without it, a fresh run refuses one).
-      mesh: ``--mesh``, e.g. ``"data=2,fsdp=4"``.
-      coordinator: process 0's ``host:port`` in a multi-process run.
+      resume: continue from the latest checkpoint in the output folder (its settings must be the same).
+      overwrite: replace the run already in the output folder (without it, a fresh run refuses one).
+      mesh: the device mesh, e.g. data=2,fsdp=4 (None: one device, or every device on data).
+      coordinator: process 0's host:port in a multi-process run (SLURM, Open MPI and TPU pod slices are
+        detected; elsewhere give it with num_processes and process_id, or set JAX_COORDINATOR_ADDRESS).
       num_processes: how many processes the run has.
       process_id: this process's index.
     """
@@ -154,8 +179,12 @@ class RunConfig(TrainSettings):
             raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
 
 
-class ConfigError(ValueError):
-    """A setting out of its range; the programs report it as a usage error naming the flag."""
+class ConfigError(Exception):
+    """A setting out of its range; the programs report it as a usage error naming the flag.
+
+    Not a ``ValueError``: tyro reports those itself, in a box that wraps long messages, and the programs
+    print theirs as argparse does (``usage: ...`` then ``error: ...``, exit status 2).
+    """
 
 
 def _flag(field: str) -> str:
@@ -186,30 +215,6 @@ def _check_rate(value: Any, field: str, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{_flag(field)} must be a finite number > 0, got {value!r}")
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, *, default_output: Path) -> None:
-    """The flags both programs share: method sizes, optimizer schedule, seed, outputs, checkpoints, mesh."""
-    p = parser
-    for field, helps in _size_flags().items():  # from the methods' registry: --block-size, --rank, ...
-        p.add_argument(_flag(field), type=int, help="; ".join(helps))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=default_output)
-    p.add_argument("--checkpoint-every", type=int, help="save the trainable state every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: one device, or all devices on data)")
-    multi = parser.add_argument_group(
-        "multi-process runs",
-        "Start one process per host (or per GPU) with the same flags. SLURM, Open MPI and TPU pod slices are "
-        "detected; elsewhere give all three (the coordinator may come from JAX_COORDINATOR_ADDRESS instead).",
-    )
-    multi.add_argument("--coordinator", help="host:port of process 0, e.g. 10.0.0.1:1234")
-    multi.add_argument("--num-processes", type=int, help="how many processes the run has")
-    multi.add_argument("--process-id", type=int, help="this process's index, from 0")
 
 
 # What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
@@ -275,16 +280,24 @@ def run_fingerprint(config: Any, **facts: Any) -> dict[str, Any]:
     return json.loads(json.dumps({**fields, **facts}, sort_keys=True, default=str))
 
 
-def _size_flags() -> dict[str, list[str]]:
-    """``{size field: ["method: what it sets (default ...)", ...]}`` over the registered methods."""
-    flags: dict[str, list[str]] = {}
-    for name in ADAPTER_METHODS:
-        spec = cdvft_jax.method_spec(name)
-        for size in spec.sizes:
-            default = spec.default(size.field)
-            shown = "" if default is None else f" (default {default})"
-            flags.setdefault(size.field, []).append(f"{name}: {size.help}{shown}")
-    return flags
+def parse_config(config_class: type, argv: Sequence[str] | None, *, prog: str, description: str, **defaults: Any):
+    """The command line ``argv`` as a ``config_class``: its flags are generated from the dataclass fields by
+    tyro (``--learning-rate`` for ``learning_rate``; help from the class docstrings' ``Attributes``), their
+    defaults are the fields' or those given here (a task's preset); ``--learning-rate`` left unset is the
+    method's default.
+
+    Raises:
+      SystemExit: with status 2 and a message naming the flag, for a value out of its range (or tyro's own
+        message for an unknown flag or a value of the wrong type).
+    """
+    try:
+        config = tyro.cli(config_class, args=argv, prog=prog, description=description, default=config_class(**defaults))
+        if config.learning_rate is None:
+            config = dataclasses.replace(config, learning_rate=default_learning_rate(config.method))
+    except ConfigError as e:
+        print(f"usage: {prog} [-h] [OPTIONS]\n{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    return config
 
 
 def prepare_output(

@@ -33,17 +33,17 @@ from train.loop import (
     Evaluation,
     RunConfig,
     TrainSettings,
-    add_run_arguments,
     digest,
     mesh_from_flag,
     model_digest,
+    parse_config,
     prepare_output,
     run_fingerprint,
     summary_table,
     train_and_evaluate,
     write_results,
 )
-from train.methods import METHODS, Batch, default_learning_rate
+from train.methods import Batch
 from train.metrics import compute_metrics
 
 PAD_MULTIPLE = 16  # pad batches to a multiple of this, so few shapes are compiled
@@ -59,12 +59,15 @@ class Preset:
     alpha: float | None = None  # the method's default
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    compare_head: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     # The quickstart must finish in a few minutes on two cores: a fixed random subset, 300 steps (the
     # accuracy suite's budget; at 124 steps no method had left the head-only baseline far behind).
-    "tweets": Preset(epochs=2, batch_size=32, max_length=64, max_train_samples=4800, max_eval_samples=1000),
+    "tweets": Preset(
+        epochs=2, batch_size=32, max_length=64, max_train_samples=4800, max_eval_samples=1000, compare_head=True
+    ),
     "sst2": Preset(epochs=3, max_length=64),
     "cola": Preset(epochs=8, max_length=64),
     "mrpc": Preset(epochs=8),
@@ -81,7 +84,22 @@ PRESETS: dict[str, Preset] = {
 class TextConfig(RunConfig):
     """Everything one run needs; built from the command line by :func:`parse_args`.
 
-    The training and run fields come from :class:`~train.loop.RunConfig`; these are the text ones.
+    The training and run fields come from :class:`~train.loop.RunConfig`; these are the text ones.  The
+    task's :data:`PRESETS` entry replaces the defaults of epochs, batch size, maximum length, alpha, the
+    sample limits and compare-head.
+
+    Attributes:
+      task: tweets, a GLUE task (sst2, cola, mrpc, qnli, rte, stsb, mnli, qqp) or custom.
+      model: hub name or local folder of a Flax/PyTorch HF checkpoint (None: the real all-MiniLM-L6-v2).
+      data_dir: GLUE-layout folder with train.tsv and dev.tsv (None: the Hugging Face hub, online).
+      train_file: CSV/TSV/JSONL training file (--task custom).
+      eval_file: CSV/TSV/JSONL evaluation file (--task custom).
+      text_columns: the text column names, one or two (--task custom); "a,b" works too.
+      label_column: the label column name (--task custom).
+      regression: float labels, one output (--task custom).
+      max_length: tokens per example, special tokens included.
+      output_dir: where metrics.jsonl, results.json, the adapter and checkpoints go.
+      compare_head: also train the head alone with the same budget (on for the tweets quickstart).
     """
 
     task: str = "tweets"
@@ -98,6 +116,9 @@ class TextConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # The comma-separated form of older command lines: --text-columns question,answer.
+        columns = tuple(c.strip() for item in self.text_columns for c in item.split(",") if c.strip())
+        object.__setattr__(self, "text_columns", columns)
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ConfigError(
                 f"--max-length must be an int >= 2 (room for the special tokens), got {self.max_length!r}"
@@ -325,85 +346,21 @@ def run(config: TextConfig) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TextConfig:
-    """Command line -> :class:`TextConfig`, with the task's :data:`PRESETS` filling unset flags."""
-    p = argparse.ArgumentParser(prog="python -m train.text", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--task", default="tweets", help="tweets, a GLUE task (sst2, cola, mrpc, qnli, rte, stsb, ...), custom"
-    )
-    p.add_argument("--model", help="hub name or local folder of a Flax/PyTorch HF checkpoint (default: MiniLM)")
-    p.add_argument("--method", default="cdvft", choices=METHODS)
-    p.add_argument(
-        "--data-dir", type=Path, help="GLUE-layout folder with train.tsv and dev.tsv (default: the HF hub, online)"
-    )
-    p.add_argument("--train-file", type=Path, help="CSV/TSV/JSONL training file (--task custom)")
-    p.add_argument("--eval-file", type=Path, help="CSV/TSV/JSONL evaluation file (--task custom)")
-    p.add_argument("--text-columns", default="text", help="comma-separated text column names (--task custom)")
-    p.add_argument("--label-column", default="label", help="label column name (--task custom)")
-    p.add_argument("--regression", action="store_true", help="float labels, one output (--task custom)")
-    for flag, kind in [
-        ("--epochs", int),
-        ("--batch-size", int),
-        ("--max-length", int),
-        ("--alpha", float),
-        ("--max-train-samples", int),
-        ("--max-eval-samples", int),
-    ]:
-        p.add_argument(flag, type=kind, help="default: the task's preset")
-    p.add_argument("--learning-rate", type=float, help="adapter (full: every weight) peak rate (default: the method's)")
-    p.add_argument(
-        "--head-learning-rate", type=float, default=TrainSettings.head_learning_rate, help="the task head's peak rate"
-    )
-    add_run_arguments(p, default_output=Path("outputs/text"))
-    p.add_argument(
-        "--compare-head",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also train the head alone with the same budget (default: on for the tweets quickstart)",
-    )
-    args = p.parse_args(argv)
-    task = args.task.lower().replace("-", "")
+    """Command line -> :class:`TextConfig`; the task's :data:`PRESETS` entry gives the defaults flags override."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", default=TextConfig.task)
+    task = first.parse_known_args(argv)[0].task.lower().replace("-", "")
     if task not in PRESETS:
-        raise SystemExit(f"unknown --task {args.task!r}; choose from {', '.join(PRESETS)}")
-    preset = PRESETS[task]
-    pick = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset)}
-    values = {k: (v if v is not None else getattr(preset, k)) for k, v in pick.items()}
-    values["learning_rate"] = default_learning_rate(args.method) if args.learning_rate is None else args.learning_rate
-    values["head_learning_rate"] = args.head_learning_rate
-    try:
-        return _text_config(args, task, values)
-    except ConfigError as e:
-        p.error(str(e))
-
-
-def _text_config(args: argparse.Namespace, task: str, values: dict[str, Any]) -> TextConfig:
-    return TextConfig(
-        task=task,
-        model=args.model,
-        method=args.method,
-        data_dir=args.data_dir,
-        train_file=args.train_file,
-        eval_file=args.eval_file,
-        text_columns=tuple(c.strip() for c in args.text_columns.split(",") if c.strip()),
-        label_column=args.label_column,
-        regression=args.regression,
-        block_size=args.block_size,
-        rank=args.rank,
-        n_frequency=args.n_frequency,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        output_dir=args.output_dir,
-        compare_head=task == "tweets" if args.compare_head is None else args.compare_head,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        mesh=args.mesh,
-        coordinator=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        **values,
+        raise SystemExit(f"unknown --task {task!r}; choose from {', '.join(PRESETS)}")
+    config = parse_config(
+        TextConfig,
+        argv,
+        prog="python -m train.text",
+        description=__doc__.split("\n\n")[0],
+        **dataclasses.asdict(PRESETS[task]),
     )
+    return dataclasses.replace(config, task=task)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
