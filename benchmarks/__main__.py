@@ -16,7 +16,7 @@ Parts
 ``train_step``
     :mod:`benchmarks.step_time` for each model (``roberta-base``: 16 x 128 tokens;
     ``vit-base``: 16 images of 224 px, patch 16) and every method (``full``,
-    ``head``, ``floor``, ``cdvft``, ``lora``, ``vera``, ``fourierft``): interleaved
+    ``head``, ``floor`` and every registered adapter method): interleaved
     repeats, median / min / max ms per step, tokens/s, peak RSS (a fresh
     subprocess a method), ratio to ``floor``.
 ``params``

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from benchmarks.common import host_info, log, names_parser
 from train import text
 from train.data import Example, TaskSpec, find_task
-from train.loop import Evaluation, TrainSettings, train_and_evaluate
+from train.loop import METHOD_SIZES_FIELDS, Evaluation, TrainSettings, train_and_evaluate
 from train.methods import METHODS, default_learning_rate
 from train.metrics import compute_metrics
 
@@ -560,7 +560,7 @@ OVERRIDABLE = {
     for f in dataclasses.fields(TrainSettings)
     if f.name
     not in {"method", "seed", "learning_rate", "head_learning_rate", "epochs", "max_steps", "alpha"}
-    | {"block_size", "rank", "n_frequency"}
+    | set(METHOD_SIZES_FIELDS)
 }
 
 

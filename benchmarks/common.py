@@ -24,6 +24,7 @@ import optax
 
 import cdvft_jax
 from cdvft_jax.params import Params
+from cdvft_jax.training import LossFn
 from train.methods import Batch, build_method, head_predicate, make_loss
 
 MODELS = ("roberta-base", "vit-base")
@@ -37,7 +38,6 @@ HEAD_LEARNING_RATE = 5e-3
 WEIGHT_DECAY = 0.01  # the same for every method, so every optimizer does the same work per leaf
 VIT_LABELS = 10
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LossFn = Callable[[Params, Batch, jax.Array], jax.Array]
 HEAD_MODULES = ("classifier",)
 # The leaf that ``floor`` trains besides the head: the earliest one in the network.
 FLOOR_LEAVES = {
@@ -48,8 +48,8 @@ FLOOR_LEAVES = {
 
 def adapter_config(method: str, model: str) -> cdvft_jax.AdapterConfig:
     """The config of adapter ``method`` for ``model`` at the papers' settings (``MethodSpec.paper_settings``:
-    LoRA r=8 on RoBERTa-base, r=16 on ViT-base, with alpha = r; VeRA r=256; FourierFT n=1000, alpha 150 /
-    n=3000, alpha 300), query and value of every layer adapted, the classifier trained in full."""
+    e.g. LoRA r=8 on RoBERTa-base, r=16 on ViT-base, with alpha = r; each method states its own), query and
+    value of every layer adapted, the classifier trained in full."""
     spec = cdvft_jax.method_spec(method)
     return spec.config_class(
         target_modules=("query", "value"), modules_to_save=list(HEAD_MODULES), **spec.paper_settings[model]

@@ -69,21 +69,19 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
     trainable, frozen, optimizer, loss_fn = method_parts("cdvft", model)
 
     mesh = make_mesh(parse_mesh(layout))
-    run = shard_training(loss_fn, optimizer, cdvft_jax.init_train_state(trainable, optimizer), frozen, mesh)
-    frozen = run.frozen
-    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(frozen))
-    per_device = device0_bytes(frozen)
     result: dict[str, Any] = {
         "devices": jax.device_count(),
         "mesh": layout,
-        "frozen_bytes_total": total,
-        "frozen_bytes_device0": per_device,
+        "frozen_bytes_total": sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(frozen)),
+        "frozen_bytes_device0": None,
         "compiled": False,
         "ms_per_step": None,
         "error": None,
     }
     try:
-        state, step = run.state, run.train_step
+        run = shard_training(loss_fn, optimizer, cdvft_jax.init_train_state(trainable, optimizer), frozen, mesh)
+        state, step, frozen = run.state, run.train_step, run.frozen
+        result["frozen_bytes_device0"] = device0_bytes(frozen)
         batch = shard_batch(make_batch(model.config.vocab_size, args.batch, args.seq_len), mesh)
         rng = jax.random.key(SEED)
         start = time.perf_counter()

@@ -288,13 +288,11 @@ class ShardedTraining(NamedTuple):
       state: the train state, replicated (:func:`state_shardings_for`).
       frozen: the frozen tree, FSDP-sharded (:func:`frozen_partition_specs`).
       train_step: :func:`make_sharded_train_step`'s step for them, batches split by :func:`batch_spec`.
-      state_shardings: the state's layout, e.g. for a checkpoint's restore template.
     """
 
     state: TrainState
     frozen: Any
     train_step: Callable[[TrainState, Params, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
-    state_shardings: TrainState
 
 
 def shard_training(
@@ -318,7 +316,7 @@ def shard_training(
     step = make_sharded_train_step(
         loss_fn, optimizer, mesh, state_shardings, shardings_of(frozen), NamedSharding(mesh, batch_spec())
     )
-    return ShardedTraining(jax.device_put(state, state_shardings), frozen, step, state_shardings)
+    return ShardedTraining(jax.device_put(state, state_shardings), frozen, step)
 
 
 def _check_batch_size(mesh: Mesh, global_size: int) -> None:

@@ -254,7 +254,7 @@ def _worker() -> dict[str, str]:
             one_step = cdvft_jax.make_train_step(dropout_loss, method_optimizer)
             one_state = cdvft_jax.init_train_state(method_trainable, method_optimizer)
             # The programs' one helper: placement and the step together.
-            mesh_state, frozen_sharded, mesh_step, _ = sharding.shard_training(
+            mesh_state, frozen_sharded, mesh_step = sharding.shard_training(
                 dropout_loss,
                 method_optimizer,
                 cdvft_jax.init_train_state(method_trainable, method_optimizer),

@@ -295,10 +295,12 @@ def test_a_resumed_tensorboard_log_hides_what_the_cut_short_run_logged_after_its
         return {"method": "cdvft", "step": step, "epoch": step // 3, "train_loss": None, "accuracy": accuracy}
 
     cut_short = TensorBoardHook(tmp_path, ["accuracy"])
-    for step, accuracy in ((0, 0.5), (3, 0.625)):  # evaluated at step 3, killed before the next checkpoint
+    for step, accuracy in ((0, 0.5), (3, 0.625), (6, 0.75)):  # 3 steps an epoch; killed after step 6's eval
         cut_short.on_evaluation(record(step, accuracy))
     cut_short.on_abort()
-    resumed = TensorBoardHook(tmp_path, ["accuracy"], purge_step=2)  # restored from the checkpoint of step 2
-    resumed.on_evaluation(record(3, 0.75))
+    # Restored from the checkpoint of step 3, an epoch end: its evaluation is kept (and not redone), step 6's
+    # is hidden and done again.
+    resumed = TensorBoardHook(tmp_path, ["accuracy"], resumed_from=3)
+    resumed.on_evaluation(record(6, 0.875))
     resumed.on_finish(None)
-    assert tensorboard_scalars(tmp_path)["dev/accuracy"] == [(0, 0.5), (3, 0.75)]
+    assert tensorboard_scalars(tmp_path)["dev/accuracy"] == [(0, 0.5), (3, 0.625), (6, 0.875)]

@@ -3,8 +3,8 @@
 ``train.loop.train_and_evaluate`` calls every :class:`Hook` in order: :meth:`Hook.on_evaluation` for each
 dev evaluation (the one before training included), :meth:`Hook.on_start` when the first step is about to
 run, :meth:`Hook.on_step` after each optimizer step, then :meth:`Hook.on_finish` after the last step or
-:meth:`Hook.on_abort` when an error stops the run.  A program adds its own hooks with the loop's ``hooks``
-argument (as levanter's ``Trainer.add_hook``).
+:meth:`Hook.on_abort` when an error stops the run.  A program adds its own hooks with the loop's
+``extra_hooks`` argument (as levanter's ``Trainer.add_hook``).
 
 A hook must not make the host wait for the device on every step: a step's loss is read only through
 ``event.losses`` (:class:`~train.loop.RunningLoss`), at the sync points the built-in hooks share (every
@@ -182,18 +182,22 @@ class TensorBoardHook(Hook):
     (``train/loss``), and every evaluation's dev metrics (``dev/<metric>``) and epoch loss
     (``train/epoch_loss``).  Needs ``tensorboardX``; only process 0 writes.
 
-    A resumed run passes its restored step as ``purge_step``: events logged after the checkpoint it
-    resumes from (by the run that was cut short) are hidden, as TensorBoard's own writers do.
+    A resumed run passes the step it restored as ``resumed_from``: what the cut-short run logged after that
+    step is hidden (TensorBoard's ``purge_step``, here ``resumed_from + 1``) and logged again by the resumed
+    run; what it logged up to that step (an evaluation at a checkpointed epoch end) stays, as the resumed
+    run does not redo it.
     """
 
-    def __init__(self, logdir: Path, metric_names: Sequence[str], purge_step: int | None = None) -> None:
+    def __init__(self, logdir: Path, metric_names: Sequence[str], resumed_from: int | None = None) -> None:
         from tensorboardX import SummaryWriter
 
         self.metric_names = tuple(metric_names)
         self._writer = None
         if sharding.is_main_process():
+            purge = None if resumed_from is None else resumed_from + 1
             # The suffix keeps a resumed run's file apart from the one it resumes (names end in seconds).
-            self._writer = SummaryWriter(str(logdir), purge_step=purge_step, filename_suffix=f".from{purge_step or 0}")
+            suffix = f".from{0 if resumed_from is None else resumed_from}"
+            self._writer = SummaryWriter(str(logdir), purge_step=purge, filename_suffix=suffix)
 
     def on_step(self, event: StepEvent) -> None:
         if self._writer is not None and event.synced:

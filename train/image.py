@@ -40,6 +40,7 @@ from train.loop import (
     prepare_output,
     run_fingerprint,
     summary_table,
+    tensorboard_folder,
     train_and_evaluate,
     write_results,
 )
@@ -293,6 +294,7 @@ def run(config: ImageConfig) -> dict:
         metric_names=("accuracy",),
         main_metric="accuracy",
     )
+    events = tensorboard_folder(config.output_dir)
     run_result = train_and_evaluate(
         model,
         settings,
@@ -309,7 +311,7 @@ def run(config: ImageConfig) -> dict:
         adapter_dir=config.output_dir / "adapter",
         base_model=config.model,
         checkpoint_dir=config.output_dir / "checkpoints" / config.method,
-        tensorboard_dir=config.output_dir / "tensorboard" / config.method,
+        tensorboard_dir=None if events is None else events / config.method,
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         mesh=mesh,

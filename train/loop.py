@@ -1,6 +1,6 @@
 """The fine-tuning loop shared by ``train.text`` and ``train.image``.
 
-A method (``cdvft``, the baselines ``lora``, ``vera``, ``fourierft``, or ``head``, ``full``) decides which
+A method (every adapter method of the registry: ``cdvft`` and the baselines; or ``head``, ``full``) decides which
 parameters train and with which optimizer; :func:`train_and_evaluate` runs the paper's protocol on top of
 the library: AdamW with a linear schedule and 6% warm-up, dev evaluation before training and after every
 epoch, the best epoch reported.  Data comes in as :class:`Batch` iterators, so the loop knows nothing about
@@ -41,6 +41,7 @@ from train.hooks import (
 )
 from train.methods import (
     ADAPTER_METHODS,
+    HEAD_LEARNING_RATE,
     METHOD_SIZES,
     METHODS,
     Batch,
@@ -89,7 +90,7 @@ class TrainSettings(MethodSizes):
         only) or full.
       epochs: passes over the training data.
       learning_rate: peak rate of the adapter vectors (of every weight for full; unused by head);
-        None is the method's default (cdvft 5e-3, the papers' for the baselines, full 2e-5).
+        None is the method's default (AdapterMethod.learning_rate; full 2e-5).
       head_learning_rate: peak rate of the classifier head (adapter methods and head).
       alpha: the adapter's scale (None: the method's default; LoRA scales by alpha / rank).
       weight_decay: AdamW decoupled weight decay.
@@ -103,7 +104,7 @@ class TrainSettings(MethodSizes):
     method: str = "cdvft"
     epochs: int = 3
     learning_rate: float | None = None
-    head_learning_rate: float = 5e-3
+    head_learning_rate: float = HEAD_LEARNING_RATE
     alpha: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
@@ -605,8 +606,8 @@ def train_and_evaluate(
         ``None`` runs on one device.  With several processes every process iterates the same global
         batches and copies only its own rows (``sharding.local_rows``) to its devices; predictions
         come back replicated, so every process computes the same metrics (:func:`~train.runtime.make_runtime`).
-      tensorboard_dir: also write TensorBoard events there when ``tensorboardX`` is installed
-        (:class:`~train.hooks.TensorBoardHook`).
+      tensorboard_dir: also write TensorBoard events there (:class:`~train.hooks.TensorBoardHook`; the
+        programs pass :func:`tensorboard_folder`, ``None`` when ``tensorboardX`` is not installed).
       extra_hooks: more :class:`~train.hooks.Hook`\\ s, called after the built-in ones (checkpoints, the
         metrics log, progress, TensorBoard).
 
@@ -626,24 +627,25 @@ def train_and_evaluate(
     state, frozen, dropout_key = runtime.state, runtime.frozen, runtime.dropout_key
 
     resume_from = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
-    checkpointer = None
+    hooks: list[Hook] = []
     if checkpoint_dir is not None:
         checkpointer = TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every or total_steps)
-        restored = checkpointer.restore_latest(state, dropout_key) if resume else None
+        hooks.append(CheckpointHook(checkpointer))
+    try:  # from here on an error stops every hook built so far (the checkpointer's threads first)
+        restored = checkpointer.restore_latest(state, dropout_key) if resume and checkpoint_dir is not None else None
         if restored is not None:
             state, dropout_key, resume_from = restored
             print(f"[{method}] resumed from step {int(state.step)} in {checkpoint_dir}", flush=True)
-    step = int(state.step)
-    hooks: list[Hook] = [] if checkpointer is None else [CheckpointHook(checkpointer)]
-    hooks += [MetricsLogHook(log_path), ProgressHook(description, method, total_steps)]
-    if tensorboard_dir is not None and tensorboard_available():
-        hooks.append(TensorBoardHook(tensorboard_dir, evaluation.metric_names, purge_step=step or None))
-    elif tensorboard_dir is not None:
-        print(f"[{method}] no TensorBoard events: tensorboardX is not installed (metrics.jsonl has it all)", flush=True)
-    hooks += extra_hooks
-    # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
-    records = _logged_records(log_path, method, step) if resume else []
-    try:
+        step = int(state.step)
+        # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
+        records = _logged_records(log_path, method, step) if resume else []
+        hooks += [MetricsLogHook(log_path), ProgressHook(description, method, total_steps)]
+        if tensorboard_dir is not None:
+            # A resumed run hides what the cut-short one logged after the restored step (and redoes it).
+            hooks.append(
+                TensorBoardHook(tensorboard_dir, evaluation.metric_names, resumed_from=step if resume else None)
+            )
+        hooks += extra_hooks
         if not records:
             before = evaluate(runtime.eval_step, state.trainable, frozen, evaluation)
             records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
@@ -678,8 +680,7 @@ def train_and_evaluate(
             _notify(hooks, "on_evaluation", records[-1])
         _notify(hooks, "on_finish", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
     except BaseException:
-        for hook in hooks:
-            hook.on_abort()
+        _abort(hooks)
         raise
     seconds = time.perf_counter() - start
     cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
@@ -699,6 +700,24 @@ def train_and_evaluate(
         "steps": step,
         "steps_per_second": (step - first_step) / seconds if seconds > 0 else None,
     }
+
+
+def tensorboard_folder(output_dir: Path) -> Path | None:
+    """``output_dir / "tensorboard"`` when ``tensorboardX`` is installed; else ``None``, said once."""
+    if tensorboard_available():
+        return output_dir / "tensorboard"
+    print("no TensorBoard events: tensorboardX is not installed (metrics.jsonl has every evaluation)", flush=True)
+    return None
+
+
+def _abort(hooks: Sequence[Hook]) -> None:
+    """``on_abort`` of every hook; one that fails is reported and the next is still stopped, and the error
+    that stopped the run stays the one raised."""
+    for hook in hooks:
+        try:
+            hook.on_abort()
+        except Exception as e:
+            print(f"{type(hook).__name__} failed while stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def _notify(hooks: Sequence[Hook], event: str, argument: Any) -> None:

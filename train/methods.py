@@ -4,7 +4,7 @@
 ``full``) and a Hugging Face Flax model into a :class:`MethodSetup`: the trainable/frozen split, the
 optimizer and the function that applies the model.  :func:`make_loss` and :func:`make_predict` are the
 loss and prediction on :class:`Batch`es.  The training programs (``train.loop``) and the benchmarks
-(``benchmarks.step_time``) both build their runs here, so a run is set up one way everywhere.
+(``benchmarks.common.method_parts``) both build their runs here, so a run is set up one way everywhere.
 
 """
 
@@ -26,6 +26,7 @@ __all__ = [
     "ADAPTER_METHODS",
     "DEFAULT_LEARNING_RATES",
     "FULL_LEARNING_RATE",
+    "HEAD_LEARNING_RATE",
     "METHODS",
     "METHOD_SIZES",
     "PLAIN_METHODS",
@@ -44,6 +45,7 @@ ADAPTER_METHODS = cdvft_jax.method_names()
 PLAIN_METHODS = ("head", "full")
 METHODS = (*ADAPTER_METHODS, *PLAIN_METHODS)
 FULL_LEARNING_RATE = 2e-5
+HEAD_LEARNING_RATE = 5e-3  # the classifier head's peak rate (every method's, unless a flag sets one)
 # Peak learning rate of the adapter leaves (of every weight for ``full``) when no flag sets one: each
 # adapter method's own (``AdapterMethod.learning_rate``); ``head`` trains at the head rate.
 DEFAULT_LEARNING_RATES = {
@@ -62,7 +64,8 @@ def default_learning_rate(method: str) -> float:
     """
     if method not in METHODS:
         raise SystemExit(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    return DEFAULT_LEARNING_RATES.get(method, DEFAULT_LEARNING_RATES["cdvft"])
+    # head trains the head alone, at the head rate; its adapter rate is unused and recorded as that rate.
+    return DEFAULT_LEARNING_RATES.get(method, HEAD_LEARNING_RATE)
 
 
 class Batch(NamedTuple):

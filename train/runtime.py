@@ -1,8 +1,8 @@
 """Where a run computes: one device, or a mesh of devices over one or more processes.
 
 :func:`make_runtime` places a method's state and frozen tree and builds its train and eval steps, so the
-loop (``train.loop``) calls the same four things whatever the hardware: ``train_step`` and ``eval_step``
-on host batches, the placed ``state`` and ``frozen`` trees, and the ``dropout_key``.
+loop (``train.loop``) uses the same things whatever the hardware: ``train_step`` and ``eval_step`` on host
+batches, the placed ``state`` and ``frozen`` trees, and the ``dropout_key``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def make_runtime(setup: MethodSetup, *, regression: bool, seed: int, mesh: Mesh 
     if mesh is None:
         return Runtime(state, setup.frozen, cdvft_jax.make_train_step(loss_fn, setup.optimizer), eval_step, dropout_key)
 
-    state, frozen, sharded_step, _ = sharding.shard_training(loss_fn, setup.optimizer, state, setup.frozen, mesh)
+    state, frozen, sharded_step = sharding.shard_training(loss_fn, setup.optimizer, state, setup.frozen, mesh)
 
     def place(batch: Batch) -> Batch:
         # Every process holds the same global batch and places only its own rows.

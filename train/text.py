@@ -7,7 +7,7 @@ and after each.
 
     python -m train.text                                            # quickstart
     python -m train.text --task sst2 --data-dir ../shared/data/glue/SST-2 --model roberta-base
-    python -m train.text --method lora --rank 8                     # a baseline: lora, vera, fourierft
+    python -m train.text --method lora --rank 8                     # a baseline: any registered method
     python -m train.text --task custom --train-file a.csv --eval-file b.csv --text-columns text --label-column y
 
 Protocol (the paper's, which follows FourierFT's): adapt query and value, train the classifier head in
@@ -40,6 +40,7 @@ from train.loop import (
     prepare_output,
     run_fingerprint,
     summary_table,
+    tensorboard_folder,
     train_and_evaluate,
     write_results,
 )
@@ -307,7 +308,7 @@ def run(config: TextConfig) -> dict:
         return batches(train, config.batch_size, pad_id, config.max_length, rng)
 
     methods = [config.method] + (["head"] if config.compare_head and config.method != "head" else [])
-    runs = []
+    runs, events = [], tensorboard_folder(config.output_dir)
     for index, name in enumerate(methods):
         # A fresh model per method: from_pretrained seeds the new head from --seed.
         model = FlaxAutoModelForSequenceClassification.from_pretrained(
@@ -327,7 +328,7 @@ def run(config: TextConfig) -> dict:
                 adapter_dir=config.output_dir / "adapter" if index == 0 else None,
                 base_model=model_path,
                 checkpoint_dir=config.output_dir / "checkpoints" / name,
-                tensorboard_dir=config.output_dir / "tensorboard" / name,
+                tensorboard_dir=None if events is None else events / name,
                 checkpoint_every=config.checkpoint_every,
                 resume=config.resume,
                 mesh=mesh,
