@@ -418,6 +418,51 @@ def cell(values: Sequence[float]) -> str:
     return f"{mean:.1f} +- {std:.1f}" + ("" if len(values) == 3 else f" (n={len(values)})")
 
 
+def report_choices(args: argparse.Namespace, runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], Choice]:
+    """What the report shows: every (task, method) recorded in the JSON, not only this invocation's (a grid
+    spans several), each with every seed recorded at its chosen spec; pairs this invocation did not run are
+    at its default rates and settings."""
+    every = argparse.Namespace(
+        **{**vars(args), "tasks": [t for t in TASKS if any(r["task"] == t for r in runs) or t in args.tasks]}
+    )
+    every.methods = [m for m in METHODS if any(r["method"] == m for r in runs) or m in args.methods]
+    keys = {r["key"]: r["seed"] for r in runs}
+    choices = {}
+    for base in base_specs(every):
+        choice = chosen.get((base.task, base.method)) or recorded_choice(base, runs)
+        recorded = {seed for key, seed in keys.items() if key == choice.spec._replace(seed=seed).key}
+        if recorded or choice.trials:
+            choices[base.task, base.method] = choice._replace(seeds=tuple(sorted(recorded)))
+    return choices
+
+
+def recorded_choice(base: RunSpec, runs: Sequence[dict]) -> Choice:
+    """The choice a sweep made for ``base``'s (task, method) in an earlier invocation, from its recorded
+    trials (the same rule as :func:`run_grid`), or ``base`` itself when it has none."""
+    trials = recorded_trials(base, runs)
+    if not trials:
+        return Choice(base, [], ())
+    by_key = {r["key"]: r for r in runs}
+    best = max(trials, key=lambda t: (score(by_key[t.key]), -abs(math.log(t.swept_rate / base.swept_rate))))
+    return Choice(best._replace(split="dev", seed=base.seed), trials, ())
+
+
+def recorded_trials(base: RunSpec, runs: Sequence[dict]) -> list[RunSpec]:
+    """The validation trials recorded for ``base``'s (task, method) at its settings, any rate, by rate."""
+    trials = []
+    for r in runs:
+        if (r["task"], r["method"], r["split"]) == (base.task, base.method, "validation"):
+            spec = base._replace(
+                split="validation",
+                seed=r["seed"],
+                learning_rate=r["learning_rate"],
+                head_learning_rate=r["head_learning_rate"],
+            )
+            if spec.key == r["key"]:
+                trials.append(spec)
+    return sorted(trials, key=lambda t: t.swept_rate)
+
+
 def reported(runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], list[dict]]:
     """The dev records of each (task, method) at its chosen rates, one per seed of this invocation."""
     by_key = {r["key"]: r for r in runs}
@@ -638,9 +683,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     chosen = run_grid(args, suite)
     suite.save()
-    report = markdown(suite.runs, chosen, args.tasks, args.methods, args.sweep)
+    choices = report_choices(args, suite.runs, chosen)
+    tasks = [t for t in TASKS if any(task == t for task, _ in choices)]
+    methods = [m for m in METHODS if any(method == m for _, method in choices)]
+    report = markdown(suite.runs, choices, tasks, methods, args.sweep)
     args.json.with_suffix(".md").write_text(report + "\n")
-    plot(suite.runs, chosen, args.tasks, args.methods, args.json.with_suffix(".png"))
+    plot(suite.runs, choices, tasks, methods, args.json.with_suffix(".png"))
     print(report)
     log(f"wrote {args.json} (+ .md, .png) in {time.perf_counter() - start:.0f} s")
     return suite.data

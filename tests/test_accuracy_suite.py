@@ -88,6 +88,14 @@ def test_a_rerun_skips_every_recorded_run(default_grid, monkeypatch):
     monkeypatch.setattr(accuracy, "run_one", must_not_train)
     again = accuracy.main(argv)
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in data["runs"]]
+    # An invocation of a part of the grid (one task, one method, one seed) still reports every recorded run,
+    # each with all of its seeds.
+    _, _, path = default_grid
+    part = [*argv[: argv.index("--tasks")], "--tasks", "stsb", "--methods", "head", "--seeds", "0"]
+    accuracy.main(part)
+    table = path.with_suffix(".md").read_text()
+    assert "sst2 (accuracy)" in table and "| cdvft |" in table
+    assert "(n=1)" not in table and table.count("(n=2)") == 4
 
 
 def test_sweep_chooses_the_rate_on_validation_and_reports_it_on_dev(tmp_path, tiny_model):
@@ -110,7 +118,15 @@ def test_sweep_chooses_the_rate_on_validation_and_reports_it_on_dev(tmp_path, ti
         best = min(trials, key=lambda r: abs(r["learning_rate"] - default_lr))
     assert {r["learning_rate"] for r in reported} == {best["learning_rate"]}
     assert {r["seed"] for r in reported} == {0, 1}
-    assert "Chosen rates" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "Chosen rates" in table
+    # A later invocation about another task still reports this sweep: its trials, its choice, its dev runs.
+    accuracy.main(small_grid(path, tiny_model, "--tasks", "stsb", "--methods", "cdvft", "--sweep", "--report-only"))
+    again = path.with_suffix(".md").read_text()
+    trials_row = next(line for line in table.splitlines() if line.startswith("| sst2 | cdvft |"))
+    assert trials_row in again.splitlines()
+    chosen_rate = f"| cdvft | {best['learning_rate']:.3g} |"
+    assert chosen_rate in table and chosen_rate in again and "(n=2)" in again
 
 
 def test_validation_is_carved_out_of_the_training_file_deterministically():
