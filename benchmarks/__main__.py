@@ -49,17 +49,19 @@ Modes
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import tyro
 
 from benchmarks import accuracy, common, flops, operators, params, step_time
-from benchmarks.common import MODELS, log, names_parser, positive_int
-from benchmarks.step_time import add_step_arguments, parse_methods
+from benchmarks.common import MODELS, log
+from train.cli import ConfigError, Names, check_count, check_names, parse
 
 PARTS = ("train_step", "params", "flops", "operator", "accuracy")
 DEFAULT_PARTS = PARTS[:4]
@@ -75,7 +77,7 @@ MODES: dict[str, dict[str, Any]] = {
         "warmup": 2,
         "rss_steps": 3,
         "rss_jobs": 2,
-        "no_rss": False,
+        "rss": True,
         "layers": None,
         "dims": (768, 1024, 4096),
         "tokens": (512, 2048, 16384),
@@ -87,7 +89,7 @@ MODES: dict[str, dict[str, Any]] = {
         "warmup": 1,
         "rss_steps": 1,
         "rss_jobs": 2,
-        "no_rss": True,
+        "rss": False,
         "layers": 2,
         "dims": (768, 1024, 4096),
         "tokens": (512, 2048),
@@ -99,7 +101,7 @@ MODES: dict[str, dict[str, Any]] = {
         "warmup": 0,
         "rss_steps": 1,
         "rss_jobs": 2,
-        "no_rss": False,
+        "rss": True,
         "layers": None,
         "dims": (64,),
         "tokens": (32,),
@@ -109,43 +111,117 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("--json", type=Path, metavar="PATH", required=True, help="write the results here")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores (the accuracy part: hours)")
-    mode.add_argument("--tiny", "--small", dest="tiny", action="store_true", help="tiny models, a smoke test")
-    parser.add_argument(
-        "--parts",
-        type=names_parser(PARTS),
-        default=list(DEFAULT_PARTS),
-        help="comma-separated parts (accuracy: opt-in)",
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """The suite's mode, which sets the train-step defaults of :class:`SuiteConfig` (:data:`MODES`).
+
+    Attributes:
+      quick: a few minutes on 2 CPU cores (the accuracy part: hours).
+      tiny: tiny models and grid, a smoke test.
+    """
+
+    quick: Annotated[bool, tyro.conf.FlagCreatePairsOff] = False
+    tiny: Annotated[bool, tyro.conf.FlagCreatePairsOff, tyro.conf.arg(aliases=("--small",))] = False
+
+    def __post_init__(self) -> None:
+        if self.quick and self.tiny:
+            raise ConfigError("--quick and --tiny are two modes: give one")
+
+    @property
+    def name(self) -> str:
+        """full, quick or tiny."""
+        return "quick" if self.quick else "tiny" if self.tiny else "full"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SuiteConfig(Mode):
+    """The benchmark suite: train step, parameter counts, flops and the CDV operator (and the accuracy suite).
+
+    The train-step defaults are the mode's (``--help --quick`` shows those of ``--quick``).
+
+    Attributes:
+      json: write the results here.
+      parts: the parts run, out of train_step, params, flops, operator and accuracy (accuracy: opt-in).
+      accuracy_model: the accuracy part's model folder (None: the real MiniLM).
+      models: the model shapes, out of roberta-base and vit-base.
+      methods: the methods, out of full, head, floor and the registered adapter methods.
+      batch: sequences or images per train-step batch.
+      seq_len: tokens per sequence (text models).
+      repeats: interleaved train-step rounds.
+      layers: encoder layers of the train-step models (None: the full models' 12).
+      warmup: untimed train steps after compiling.
+      rss: measure each method's peak RSS in a fresh subprocess.
+      rss_steps: steps each RSS subprocess runs.
+      rss_jobs: RSS subprocesses run at a time.
+    """
+
+    json: Path
+    parts: Names = DEFAULT_PARTS
+    accuracy_model: str | None = None
+    models: Names = MODELS
+    methods: Names = common.METHODS
+    batch: int = 16
+    seq_len: int = 128
+    repeats: int = MODES["full"]["repeats"]
+    layers: int | None = MODES["full"]["layers"]
+    warmup: int = MODES["full"]["warmup"]
+    rss: bool = MODES["full"]["rss"]
+    rss_steps: int = MODES["full"]["rss_steps"]
+    rss_jobs: int = MODES["full"]["rss_jobs"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_names(self.parts, "parts", PARTS)
+        check_names(self.models, "models", MODELS)
+        check_names(self.methods, "methods", common.METHODS)
+        for name in ("batch", "seq_len", "repeats", "rss_steps", "rss_jobs"):
+            check_count(getattr(self, name), name)
+        check_count(self.layers, "layers", optional=True)
+        check_count(self.warmup, "warmup", low=0)
+
+    @property
+    def mode(self) -> str:
+        """full, quick or tiny."""
+        return self.name
+
+    @property
+    def small(self) -> bool:
+        """Tiny models (the ``--tiny`` mode)."""
+        return self.tiny
+
+    def step_config(self, model: str) -> step_time.StepConfig:
+        """The train-step benchmark of ``model`` with this suite's settings."""
+        return step_time.StepConfig(
+            model=model,
+            methods=self.methods,
+            small=self.small,
+            **{name: getattr(self, name) for name in STEP_SETTINGS},
+        )
+
+
+# The train-step settings that a mode sets and a flag overrides.
+STEP_SETTINGS = ("batch", "seq_len", "repeats", "layers", "warmup", "rss", "rss_steps", "rss_jobs")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
+    """The command line of ``python -m benchmarks``: the mode first, whose settings become the defaults."""
+    prog, description = "python -m benchmarks", SuiteConfig.__doc__.split("\n")[0]
+    mode, _ = parse(Mode, argv, prog=prog, description=description, return_unknown_args=True, add_help=False)
+    settings = {k: v for k, v in MODES[mode.name].items() if k in STEP_SETTINGS}
+    return parse(
+        SuiteConfig,
+        argv,
+        prog=prog,
+        description=description,
+        default=SuiteConfig(json=tyro.MISSING, **settings),
     )
-    parser.add_argument("--accuracy-model", help="the accuracy part's model folder (default: the real MiniLM)")
-    parser.add_argument("--models", type=names_parser(MODELS), default=list(MODELS), help="comma-separated models")
-    parser.add_argument("--methods", type=parse_methods, default=list(common.METHODS), help="comma-separated")
-    parser.add_argument("--repeats", type=positive_int, help="interleaved train-step rounds (default: by mode)")
-    add_step_arguments(parser)
-    parser.add_argument("--rss", dest="no_rss", action="store_false", help="measure peak RSS (off in --quick)")
-    for action in parser._actions:  # the mode picks these unless given
-        if action.dest in ("layers", "warmup", "rss_steps", "rss_jobs", "no_rss"):
-            action.default = None
-    args = parser.parse_args(argv)
-    args.mode = "quick" if args.quick else "tiny" if args.tiny else "full"
-    settings = MODES[args.mode]
-    for key in ("repeats", "warmup", "rss_steps", "rss_jobs", "no_rss", "layers"):
-        if getattr(args, key) is None:
-            setattr(args, key, settings[key])
-    args.small = args.tiny
-    return args
 
 
-def train_step_part(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[str]]:
+def train_step_part(args: SuiteConfig) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[str]]:
     """Rows of every model, the per-model settings, and the markdown tables."""
     rows, settings, tables = [], {}, []
     for kind in args.models:
-        run_args = argparse.Namespace(**{**vars(args), "model": kind})
-        machine, results = step_time.run_benchmark(run_args)
+        machine, results = step_time.run_benchmark(args.step_config(kind))
         settings[kind] = {k: machine[k] for k in ("model", "batch", "seq_len", "repeats")}
         tables.append(step_time.markdown(results, machine))
         rows += [{"model": kind, **r} for r in results]
@@ -216,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "models": models,
             "layers": args.layers,
             "warmup": args.warmup,
-            "rss_steps": None if args.no_rss else args.rss_steps,
+            "rss_steps": args.rss_steps if args.rss else None,
         },
         "operator": {k: settings[k] for k in ("dims", "tokens", "blocks", "op_repeats")},
         "seconds": seconds,

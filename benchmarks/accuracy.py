@@ -28,7 +28,6 @@ Modes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -39,13 +38,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
+import tyro
 from tqdm import tqdm
 
-from benchmarks.common import host_info, log, names_parser
+from benchmarks.common import host_info, log
 from train import text
+from train.cli import ConfigError, Floats, Ints, Names, check_count, check_distinct, check_names, check_rate, parse
 from train.data import Example, TaskSpec, find_task
 from train.loop import METHOD_SIZES_FIELDS, Evaluation, TrainSettings, train_and_evaluate
 from train.methods import METHODS, default_learning_rate
@@ -262,7 +263,7 @@ def model_fingerprint(folder: str) -> str:
     return digest.hexdigest()
 
 
-def setup_of(args: argparse.Namespace) -> dict[str, Any]:
+def setup_of(args: SuiteConfig) -> dict[str, Any]:
     """What every run of a JSON shares beyond its key: the model, the batch, the data and the task budgets."""
     return {
         "model": model_fingerprint(args.model),
@@ -321,7 +322,7 @@ def score(record: dict[str, Any]) -> float:
 class Grid:
     """Runs specs in order, skipping those already recorded, with one progress bar over the whole grid."""
 
-    def __init__(self, suite: Suite, args: argparse.Namespace, planned: int) -> None:
+    def __init__(self, suite: Suite, args: SuiteConfig, planned: int) -> None:
         self.suite, self.args = suite, args
         self.tasks: dict[str, TaskData] = {}
         self.bar = tqdm(total=planned, desc="accuracy suite", unit="run", position=0, dynamic_ncols=True)
@@ -349,7 +350,7 @@ class Grid:
         return record
 
 
-def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
+def base_specs(args: SuiteConfig) -> Iterable[RunSpec]:
     """Every (task, method) at its default rates, before seeds and sweeps are applied."""
     for task in args.tasks:
         for method in args.methods:
@@ -364,7 +365,7 @@ def base_specs(args: argparse.Namespace) -> Iterable[RunSpec]:
                 head_lr,
                 args.alpha,
                 args.steps or TASKS[task].steps,
-                tuple(sorted(args.override.items())),
+                tuple(sorted(args.overrides.items())),
             )
 
 
@@ -380,7 +381,7 @@ class Choice(NamedTuple):
         return [self.spec._replace(seed=seed).key for seed in self.seeds]
 
 
-def run_grid(args: argparse.Namespace, suite: Suite) -> dict[tuple[str, str], Choice]:
+def run_grid(args: SuiteConfig, suite: Suite) -> dict[tuple[str, str], Choice]:
     """Runs the grid of ``args`` into ``suite``; returns each (task, method)'s :class:`Choice` for the report."""
     bases = list(base_specs(args))
     trials = len(args.lr_factors) if args.sweep else 0
@@ -418,14 +419,15 @@ def cell(values: Sequence[float]) -> str:
     return f"{mean:.1f} +- {std:.1f}" + ("" if len(values) == 3 else f" (n={len(values)})")
 
 
-def report_choices(args: argparse.Namespace, runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], Choice]:
+def report_choices(args: SuiteConfig, runs: Sequence[dict], chosen: dict) -> dict[tuple[str, str], Choice]:
     """What the report shows: every (task, method) recorded in the JSON, not only this invocation's (a grid
     spans several), each with every seed recorded at its chosen spec; pairs this invocation did not run are
     at its default rates and settings."""
-    every = argparse.Namespace(
-        **{**vars(args), "tasks": [t for t in TASKS if any(r["task"] == t for r in runs) or t in args.tasks]}
+    every = dataclasses.replace(
+        args,
+        tasks=tuple(t for t in TASKS if any(r["task"] == t for r in runs) or t in args.tasks),
+        methods=tuple(m for m in METHODS if any(r["method"] == m for r in runs) or m in args.methods),
     )
-    every.methods = [m for m in METHODS if any(r["method"] == m for r in runs) or m in args.methods]
     keys = {r["key"]: r["seed"] for r in runs}
     choices = {}
     for base in base_specs(every):
@@ -569,35 +571,6 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
     plt.close(figure)
 
 
-def _numbers(kind: type, minimum: float, strict: bool):
-    """A comma-separated list of distinct finite ``kind`` values above (``strict``) or at least ``minimum``."""
-    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-
-    def parse(value: str) -> list:
-        try:
-            items = [kind(v) for v in value.split(",") if v.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {value!r}") from e
-        valid = all(math.isfinite(x) and (x > minimum if strict else x >= minimum) for x in items)
-        if not items or not valid or len(set(items)) != len(items):
-            raise argparse.ArgumentTypeError(f"expected distinct {kind.__name__}s {bound}, got {value!r}")
-        return items
-
-    return parse
-
-
-def _one_number(kind: type, minimum: float, strict: bool):
-    parse_list = _numbers(kind, minimum, strict)
-
-    def parse(value: str):
-        items = parse_list(value)
-        if len(items) != 1:
-            raise argparse.ArgumentTypeError(f"expected one number, got {value!r}")
-        return items[0]
-
-    return parse
-
-
 # TrainSettings fields that --override may set: the run's own fields, the rates and the method sizes (which
 # apply to one method each) are set by the suite or refused.
 OVERRIDABLE = {
@@ -609,70 +582,93 @@ OVERRIDABLE = {
 }
 
 
-def _override(value: str) -> tuple[str, Any]:
+def parse_override(value: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` of ``--override`` as ``(field, value)``: a JSON number, or a JSON list of strings for
+    a tuple field."""
     name, sep, raw = value.partition("=")
     if not sep or name not in OVERRIDABLE:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {sorted(OVERRIDABLE)}, got {value!r}")
+        raise ConfigError(f"--override: expected FIELD=VALUE with FIELD one of {sorted(OVERRIDABLE)}, got {value!r}")
     try:
         parsed = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'{name}: {raw!r} is not JSON (a list is written ["a", "b"])') from e
+        raise ConfigError(f'--override {name}: {raw!r} is not JSON (a list is written ["a", "b"])') from e
     default = OVERRIDABLE[name]
     if isinstance(default, tuple):
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
-            raise argparse.ArgumentTypeError(f"{name} takes a JSON list of strings, got {raw!r}")
+            raise ConfigError(f"--override {name} takes a JSON list of strings, got {raw!r}")
         return name, tuple(parsed)
     if isinstance(parsed, bool) or not isinstance(parsed, int | float) or not math.isfinite(parsed):
-        raise argparse.ArgumentTypeError(f"{name} takes a finite number, got {raw!r}")
+        raise ConfigError(f"--override {name} takes a finite number, got {raw!r}")
     return name, float(parsed)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SuiteConfig:
+    """The accuracy suite: methods x tasks x seeds on the real all-MiniLM-L6-v2.
+
+    Attributes:
+      json: the records; a re-run skips the runs it holds.
+      tasks: the tasks, out of sst2, cola, stsb, qnli and tweets.
+      methods: the methods (default: every method).
+      seeds: the seeds each reported (task, method) runs.
+      sweep: choose each method's rate on a validation split first.
+      lr_factors: --sweep: trials at the default rate times each factor.
+      trials_only: --sweep: only the validation trials (a recipe study; no dev runs).
+      steps: every task's step budget (None: the task's own).
+      head_learning_rate: every method's head rate (None: the programs' 5e-3).
+      alpha: every adapter's alpha (None: its own).
+      override: a TrainSettings field for every run, e.g. head_modules='["classifier"]' (repeatable).
+      report_only: tables and plot of the recorded runs; train nothing.
+      model: the model folder (None: the real all-MiniLM-L6-v2).
+      glue_dir: the folder with SST-2/, CoLA/, STS-B/ and QNLI/.
+      batch_size: examples per step.
+      max_train_samples: a random training subset (tests).
+    """
+
+    json: Path
+    tasks: Names = tuple(TASKS)
+    methods: Names = METHODS
+    seeds: Ints = (0, 1, 2)
+    sweep: bool = False
+    lr_factors: Floats = (0.25, 1.0, 4.0)
+    trials_only: bool = False
+    steps: int | None = None
+    head_learning_rate: float | None = None
+    alpha: float | None = None
+    override: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    report_only: bool = False
+    model: str | None = None
+    glue_dir: Path = GLUE_DIR
+    batch_size: int = BATCH_SIZE
+    max_train_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        check_names(self.tasks, "tasks", TASKS)
+        check_names(self.methods, "methods", METHODS)
+        check_distinct(self.seeds, "seeds", low=0)
+        check_distinct(self.lr_factors, "lr_factors", low=0, strict=True)
+        if self.trials_only and not self.sweep:
+            raise ConfigError("--trials-only needs --sweep")
+        check_count(self.steps, "steps", optional=True)
+        check_rate(self.head_learning_rate, "head_learning_rate", optional=True)
+        check_rate(self.alpha, "alpha", optional=True)
+        check_count(self.batch_size, "batch_size")
+        check_count(self.max_train_samples, "max_train_samples", optional=True)
+        names = [parse_override(value)[0] for value in self.override]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--override: each field at most once, got {', '.join(names)}")
+        if self.model is None:
+            object.__setattr__(self, "model", text.default_model_path())
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """``--override`` as ``{field: value}``."""
+        return dict(map(parse_override, self.override))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
     """The suite's command line."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
-    p.add_argument("--json", type=Path, required=True, help="the records; re-runs skip what it holds")
-    p.add_argument("--tasks", type=names_parser(list(TASKS)), default=list(TASKS), help="comma-separated")
-    p.add_argument(
-        "--methods", type=names_parser(METHODS), default=list(METHODS), help="comma-separated (default: every method)"
-    )
-    p.add_argument("--seeds", type=_numbers(int, 0, strict=False), default=[0, 1, 2], help="comma-separated")
-    p.add_argument("--sweep", action="store_true", help="choose each method's rate on a validation split first")
-    p.add_argument(
-        "--lr-factors",
-        type=_numbers(float, 0, strict=True),
-        default=[0.25, 1.0, 4.0],
-        help="--sweep: trials at the default rate times each factor",
-    )
-    p.add_argument(
-        "--trials-only", action="store_true", help="--sweep: only the validation trials (a recipe study; no dev runs)"
-    )
-    p.add_argument(
-        "--steps", type=_one_number(int, 0, strict=True), help="every task's step budget (default: the task's)"
-    )
-    p.add_argument(
-        "--head-learning-rate", type=_one_number(float, 0, strict=True), help="every method's head rate (default: 5e-3)"
-    )
-    p.add_argument("--alpha", type=_one_number(float, 0, strict=True), help="every adapter's alpha (default: its own)")
-    p.add_argument(
-        "--override",
-        type=_override,
-        action="append",
-        default=[],
-        help="a TrainSettings field for every run, e.g. head_modules='[\"classifier\"]' (repeatable)",
-    )
-    p.add_argument("--report-only", action="store_true", help="tables and plot of the recorded runs; train nothing")
-    p.add_argument("--model", help="the model folder (default: the real all-MiniLM-L6-v2)")
-    p.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="folder with SST-2/, CoLA/, STS-B/, QNLI/")
-    p.add_argument("--batch-size", type=_one_number(int, 0, strict=True), default=BATCH_SIZE)
-    p.add_argument(
-        "--max-train-samples", type=_one_number(int, 0, strict=True), help="a random training subset (tests)"
-    )
-    args = p.parse_args(argv)
-    args.override = dict(args.override)
-    if args.trials_only and not args.sweep:
-        p.error("--trials-only needs --sweep")
-    args.model = args.model or text.default_model_path()
-    return args
+    return parse(SuiteConfig, argv, prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ paper, BCA, divides the rate by ``p``), and prints the squared error relative to
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import cdvft_jax
+from train.cli import Floats, Ints, check_distinct, parse
 
 
 class OneDense(nn.Module):
@@ -98,13 +99,31 @@ def per_factor_adam(
     return make
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientScalesConfig:
+    """Per-factor Adam rates on a synthetic CDV target.
+
+    Attributes:
+      dims: the layer widths d (= p) fitted.
+      rates: the Adam learning rates of the diagonals.
+    """
+
+    dims: Ints = (64, 384)
+    rates: Floats = (5e-3, 2e-2, 5e-2)
+
+    def __post_init__(self) -> None:
+        check_distinct(self.dims, "dims", low=1)
+        check_distinct(self.rates, "rates", low=0, strict=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.cdv_gradient_scales", description=__doc__.split("\n")[0]
+    """Entry point of ``python -m benchmarks.cdv_gradient_scales``: the table on stdout."""
+    args = parse(
+        GradientScalesConfig,
+        argv,
+        prog="python -m benchmarks.cdv_gradient_scales",
+        description=GradientScalesConfig.__doc__.split("\n")[0],
     )
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 384])
-    parser.add_argument("--rates", type=float, nargs="+", default=[5e-3, 2e-2, 5e-2])
-    args = parser.parse_args(argv)
     print("| d = p | lr | circulant rate scale | relative error after 100 steps | after 300 |")
     print("|---:|---:|---|---:|---:|")
     for d in args.dims:

@@ -7,13 +7,12 @@ up by the training programs' own :func:`train.methods.build_method` (:func:`meth
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -204,29 +203,3 @@ def host_info() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def names_parser(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """An argparse type: a comma-separated list of distinct names out of ``choices``."""
-
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items or set(items) - set(choices) or len(set(items)) != len(items):
-            raise argparse.ArgumentTypeError(f"expected distinct names out of {','.join(choices)}, got {text!r}")
-        return items
-
-    return parse
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value

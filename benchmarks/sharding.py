@@ -22,7 +22,7 @@ The child mode (``--child N --layouts "data=2,fsdp=2;fsdp=4"``) prints one JSON 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log, positive_int
+from benchmarks.common import log
+from train.cli import ConfigError, Ints, check_count, check_distinct, parse
 
 LAYOUTS: dict[int, list[str]] = {
     1: ["data=1"],
@@ -57,7 +58,7 @@ def device0_bytes(tree: Any) -> int:
     )
 
 
-def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, Any]:
+def run_layout(layout: str, args: ShardingConfig, model: Any) -> dict[str, Any]:
     """Shards the frozen tree for one mesh layout and times the sharded step."""
     import jax
     import numpy as np
@@ -106,7 +107,7 @@ def run_layout(layout: str, args: argparse.Namespace, model: Any) -> dict[str, A
     return result
 
 
-def child(args: argparse.Namespace) -> None:
+def child(args: ShardingConfig) -> None:
     """Child mode: every layout of ``--layouts`` on this process's devices; one JSON line on stdout."""
     import jax
 
@@ -119,7 +120,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(results))
 
 
-def run_child(devices: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_child(devices: int, args: ShardingConfig) -> list[dict[str, Any]]:
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
@@ -149,7 +150,7 @@ def run_child(devices: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     return json.loads(lines[-1])
 
 
-def markdown(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+def markdown(results: Sequence[dict[str, Any]], args: ShardingConfig) -> str:
     base = next((r["frozen_bytes_device0"] for r in results if r["devices"] == 1), None)
     rows = [
         f"{'roberta-small-smoke' if args.small else 'roberta-base-shaped'}, CDVFT on query/value, "
@@ -171,25 +172,46 @@ def markdown(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str
     return "\n".join(rows)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.sharding",
-        description="Per-device frozen memory and a sharded CDVFT step over data / FSDP meshes of fake CPU devices.",
-    )
-    parser.add_argument("--small", action="store_true", help="tiny RoBERTa for a smoke run")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
-    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per global batch")
-    parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (128; 32 with --small)")
-    parser.add_argument(
-        "--devices", default="1,2,4,8", help="comma-separated device counts out of 1,2,4,8 (default all)"
-    )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--layouts", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.seq_len is None:
-        args.seq_len = 32 if args.small else 128
-    return args
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """Per-device frozen memory and a sharded CDVFT step over data / FSDP meshes of fake CPU devices.
+
+    Attributes:
+      small: a tiny RoBERTa, for a smoke run.
+      steps: timed steps after one warm-up.
+      batch: sequences per global batch.
+      seq_len: tokens per sequence (None: 128; 32 with --small).
+      devices: the device counts, out of 1, 2, 4 and 8.
+      json: also write the results here as JSON.
+      child: (internal: what a subprocess runs) the device count of this process.
+      layouts: (internal) the mesh layouts the child runs, separated by ';'.
+    """
+
+    small: bool = False
+    steps: int = 2
+    batch: int = 16
+    seq_len: int | None = None
+    devices: Ints = tuple(LAYOUTS)
+    json: Path | None = None
+    child: int | None = None
+    layouts: str | None = None
+
+    def __post_init__(self) -> None:
+        check_count(self.steps, "steps")
+        check_count(self.batch, "batch")
+        check_count(self.seq_len, "seq_len", optional=True)
+        check_distinct(self.devices, "devices", low=1)
+        unknown = sorted(set(self.devices) - set(LAYOUTS))
+        if unknown:
+            raise ConfigError(f"--devices: unsupported device counts {unknown}; choose from {sorted(LAYOUTS)}")
+        if self.seq_len is None:  # the documented default depends on --small
+            object.__setattr__(self, "seq_len", 32 if self.small else 128)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ShardingConfig:
+    """The command line of ``python -m benchmarks.sharding``."""
+    description = ShardingConfig.__doc__.split("\n")[0]
+    return parse(ShardingConfig, argv, prog="python -m benchmarks.sharding", description=description)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -198,15 +220,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         child(args)
         return
     start = time.perf_counter()
-    counts = [int(c) for c in args.devices.split(",") if c.strip()]
-    unknown = sorted(set(counts) - set(LAYOUTS))
-    if unknown:
-        raise SystemExit(f"unsupported device counts {unknown}; choose from {sorted(LAYOUTS)}")
-    results = [r for n in counts for r in run_child(n, args)]
+    results = [r for n in args.devices for r in run_child(n, args)]
     print(markdown(results, args))
     log(f"wall time {time.perf_counter() - start:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+        settings = dataclasses.asdict(args) | {"json": str(args.json)}
+        args.json.write_text(json.dumps({"args": settings, "results": results}, indent=2))
         log(f"wrote {args.json}")
 
 

@@ -78,7 +78,6 @@ Progress goes to stderr, the markdown table to stdout.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import resource
@@ -106,14 +105,12 @@ from benchmarks.common import (
     make_inputs,
     method_parts,
     model_config,
-    names_parser,
-    non_negative_int,
-    positive_int,
     tokens_per_example,
     xla_flops,
 )
 from cdvft_jax import TrainState
 from cdvft_jax.params import Params
+from train.cli import Names, check_count, check_names, parse
 from train.methods import Batch
 
 WARMUP_STEPS = 2
@@ -193,7 +190,7 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def rss_only(method: str, args: argparse.Namespace) -> None:
+def rss_only(method: str, args: StepConfig) -> None:
     """Child mode: build, compile and run ``--rss-steps`` steps of one method; print the peak RSS."""
     model = build_model(args.small, args.model, args.layers)
     batch = make_inputs(model, args.model, args.batch, args.seq_len)
@@ -204,7 +201,7 @@ def rss_only(method: str, args: argparse.Namespace) -> None:
     print(f"{peak_rss_mb():.1f}")
 
 
-def measure_rss(method: str, args: argparse.Namespace) -> float:
+def measure_rss(method: str, args: StepConfig) -> float:
     """Peak RSS of ``method`` measured in a fresh subprocess."""
     command = [sys.executable, "-c", RSS_LAUNCHER, sys.executable, "-m", "benchmarks.step_time"]
     command += ["--rss-only", method, "--model", args.model, "--rss-steps", str(args.rss_steps)]
@@ -221,7 +218,7 @@ def measure_rss(method: str, args: argparse.Namespace) -> float:
     return float(lines[-1])
 
 
-def measure_all_rss(args: argparse.Namespace) -> dict[str, float]:
+def measure_all_rss(args: StepConfig) -> dict[str, float]:
     """Peak RSS of every method, ``--rss-jobs`` subprocesses at a time (a process's own peak does not
     depend on what runs beside it; only their wall time does)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -230,13 +227,13 @@ def measure_all_rss(args: argparse.Namespace) -> dict[str, float]:
         return dict(zip(args.methods, pool.map(lambda name: measure_rss(name, args), args.methods), strict=True))
 
 
-def model_label(args: argparse.Namespace) -> str:
+def model_label(args: StepConfig) -> str:
     """E.g. ``roberta-base-shaped``, ``vit-base-shaped (2 layers)`` or ``roberta-small-smoke``."""
     label = f"{args.model.split('-')[0]}-small-smoke" if args.small else f"{args.model}-shaped"
     return f"{label} ({args.layers} layers)" if args.layers else label
 
 
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+def machine_info(args: StepConfig) -> dict[str, Any]:
     """Where and how the benchmark ran."""
     config = model_config(args.small, args.model, args.layers)
     return {
@@ -304,7 +301,7 @@ def markdown(results: Sequence[Mapping[str, Any]], machine: Mapping[str, Any]) -
     return "\n".join(rows)
 
 
-def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_benchmark(args: StepConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Times ``args.methods`` on ``args.model`` (interleaved), then their peak RSS; ``(machine, results)``."""
     machine = machine_info(args)
     log(f"building the {machine['model']} model")
@@ -314,42 +311,58 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[s
     time_methods(runs, batch, args.repeats, args.warmup)
     timings = [Timing(run.name, run.trainable_params, run.times_s, run.flops) for run in runs]
     del runs, model, batch  # free this process's buffers before the RSS subprocesses build their own
-    rss = {} if args.no_rss else measure_all_rss(args)
+    rss = measure_all_rss(args) if args.rss else {}
     return machine, summarize(timings, rss, machine["batch"] * machine["seq_len"])
 
 
-parse_methods = names_parser(METHODS)
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Train-step time and peak RSS of full, head, floor and adapter fine-tuning.
+
+    Attributes:
+      model: the model's shape (roberta-base or vit-base).
+      methods: the methods timed, out of full, head, floor and the registered adapter methods.
+      batch: sequences or images per batch.
+      seq_len: tokens per sequence (text models).
+      layers: encoder layers (None: the base model's 12).
+      repeats: interleaved timing rounds.
+      warmup: untimed steps after compiling.
+      rss: measure each method's peak RSS in a fresh subprocess.
+      rss_steps: steps each RSS subprocess runs.
+      rss_jobs: RSS subprocesses run at a time.
+      small: a tiny model, for a smoke run.
+      json: also write the results here as JSON.
+      rss_only: (internal: what an RSS subprocess runs) build and step only this method, here.
+    """
+
+    model: str = "roberta-base"
+    methods: Names = (*BASELINE_METHODS, "cdvft")
+    batch: int = 16
+    seq_len: int = 128
+    layers: int | None = None
+    repeats: int = 10
+    warmup: int = WARMUP_STEPS
+    rss: bool = True
+    rss_steps: int = RSS_STEPS
+    rss_jobs: int = 1
+    small: bool = False
+    json: Path | None = None
+    rss_only: str | None = None
+
+    def __post_init__(self) -> None:
+        check_names((self.model,), "model", MODELS)
+        check_names(self.methods, "methods", METHODS)
+        for name in ("batch", "seq_len", "repeats", "rss_steps", "rss_jobs"):
+            check_count(getattr(self, name), name)
+        check_count(self.layers, "layers", optional=True)
+        check_count(self.warmup, "warmup", low=0)
+        if self.rss_only is not None:
+            check_names((self.rss_only,), "rss_only", METHODS)
 
 
-def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The train-step options that :mod:`benchmarks.step_time` and the suite share."""
-    parser.add_argument("--batch", type=positive_int, default=16, help="sequences or images per batch")
-    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (text models)")
-    parser.add_argument("--layers", type=positive_int, help="encoder layers (default: the base model's 12)")
-    parser.add_argument("--warmup", type=non_negative_int, default=WARMUP_STEPS, help="untimed steps after compiling")
-    parser.add_argument("--rss-steps", type=positive_int, default=RSS_STEPS, help="steps each RSS child runs")
-    parser.add_argument("--rss-jobs", type=positive_int, default=1, help="RSS subprocesses run at a time")
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.step_time",
-        description="Train-step time and peak RSS of full, head, floor and adapter fine-tuning.",
-    )
-    parser.add_argument("--model", choices=MODELS, default="roberta-base", help="model shape")
-    add_step_arguments(parser)
-    parser.add_argument("--repeats", type=positive_int, default=10, help="interleaved timing rounds")
-    parser.add_argument(
-        "--methods",
-        type=parse_methods,
-        default=[*BASELINE_METHODS, "cdvft"],
-        help=f"comma-separated subset of {','.join(METHODS)}",
-    )
-    parser.add_argument("--small", action="store_true", help="tiny model for a smoke run")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rss-only", choices=METHODS, metavar="METHOD", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> StepConfig:
+    """The command line of ``python -m benchmarks.step_time``."""
+    return parse(StepConfig, argv, prog="python -m benchmarks.step_time", description=StepConfig.__doc__.split("\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

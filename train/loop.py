@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import tyro
 from jax.sharding import Mesh
 
 import cdvft_jax
 from cdvft_jax import sharding
 from cdvft_jax.checkpoint import TrainingCheckpointer
+from train.cli import ConfigError, check_count, check_number, check_rate, flag, parse
 from train.hooks import (
     CheckpointHook,
     Hook,
@@ -116,21 +116,21 @@ class TrainSettings(MethodSizes):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        _check_count(self.epochs, "epochs")
+        check_count(self.epochs, "epochs")
         for name in (*METHOD_SIZES_FIELDS, "max_steps"):
-            _check_count(getattr(self, name), name, optional=True)
-        _check_rate(self.learning_rate, "learning_rate", optional=True)
-        _check_rate(self.head_learning_rate, "head_learning_rate")
+            check_count(getattr(self, name), name, optional=True)
+        check_rate(self.learning_rate, "learning_rate", optional=True)
+        check_rate(self.head_learning_rate, "head_learning_rate")
         if self.alpha is not None:
-            _check_number(self.alpha, "alpha")
-        _check_number(self.weight_decay, "weight_decay", low=0.0)
-        _check_number(self.warmup_ratio, "warmup_ratio", low=0.0, below=1.0)
-        _check_count(self.seed, "seed", low=0)
+            check_number(self.alpha, "alpha")
+        check_number(self.weight_decay, "weight_decay", low=0.0)
+        check_number(self.warmup_ratio, "warmup_ratio", low=0.0, below=1.0)
+        check_count(self.seed, "seed", low=0)
         if self.method in METHOD_SIZES:
             every_size = {size for sizes in METHOD_SIZES.values() for size in sizes}
             stray = sorted(f for f in every_size - set(METHOD_SIZES[self.method]) if getattr(self, f) is not None)
             if stray:
-                raise ConfigError(f"{', '.join(map(_flag, stray))} does not apply to --method {self.method}")
+                raise ConfigError(f"{', '.join(map(flag, stray))} does not apply to --method {self.method}")
 
     @classmethod
     def from_config(cls, config: Any) -> TrainSettings:
@@ -172,50 +172,12 @@ class RunConfig(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_count(self.batch_size, "batch_size")
+        check_count(self.batch_size, "batch_size")
         for name in ("max_train_samples", "max_eval_samples", "checkpoint_every", "num_processes"):
-            _check_count(getattr(self, name), name, optional=True)
-        _check_count(self.process_id, "process_id", low=0, optional=True)
+            check_count(getattr(self, name), name, optional=True)
+        check_count(self.process_id, "process_id", low=0, optional=True)
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
-
-
-class ConfigError(Exception):
-    """A setting out of its range; the programs report it as a usage error naming the flag.
-
-    Not a ``ValueError``: tyro reports those itself, in a box that wraps long messages, and the programs
-    print theirs as argparse does (``usage: ...`` then ``error: ...``, exit status 2).
-    """
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _check_count(value: Any, field: str, *, low: int = 1, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ConfigError(f"{_flag(field)} must be {kind}, got {value!r}")
-
-
-def _check_number(value: Any, field: str, *, low: float | None = None, below: float | None = None) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value >= low
-    if ok and below is not None:
-        ok = value < below
-    if not ok:
-        bounds = "" if low is None else f" in [{low:g}, {below:g})" if below is not None else f" >= {low:g}"
-        raise ConfigError(f"{_flag(field)} must be a finite number{bounds}, got {value!r}")
-
-
-def _check_rate(value: Any, field: str, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{_flag(field)} must be a finite number > 0, got {value!r}")
 
 
 # What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
@@ -282,22 +244,16 @@ def run_fingerprint(config: Any, **facts: Any) -> dict[str, Any]:
 
 
 def parse_config(config_class: type, argv: Sequence[str] | None, *, prog: str, description: str, **defaults: Any):
-    """The command line ``argv`` as a ``config_class``: its flags are generated from the dataclass fields by
-    tyro (``--learning-rate`` for ``learning_rate``; help from the class docstrings' ``Attributes``), their
-    defaults are the fields' or those given here (a task's preset); ``--learning-rate`` left unset is the
-    method's default.
+    """The command line ``argv`` as a ``config_class`` (:func:`train.cli.parse`), whose defaults are the
+    fields' or those given here (a task's preset); ``--learning-rate`` left unset is the method's default.
 
     Raises:
       SystemExit: with status 2 and a message naming the flag, for a value out of its range (or tyro's own
         message for an unknown flag or a value of the wrong type).
     """
-    try:
-        config = tyro.cli(config_class, args=argv, prog=prog, description=description, default=config_class(**defaults))
-        if config.learning_rate is None:
-            config = dataclasses.replace(config, learning_rate=default_learning_rate(config.method))
-    except ConfigError as e:
-        print(f"usage: {prog} [-h] [OPTIONS]\n{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    config = parse(config_class, argv, prog=prog, description=description, default=config_class(**defaults))
+    if config.learning_rate is None:
+        config = dataclasses.replace(config, learning_rate=default_learning_rate(config.method))
     return config
 
 
