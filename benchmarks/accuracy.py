@@ -48,7 +48,7 @@ from benchmarks.common import host_info, log
 from train import text
 from train.cli import ConfigError, Floats, Ints, Names, check_count, check_distinct, check_names, check_rate, parse
 from train.data import Example, TaskSpec, find_task
-from train.loop import METHOD_SIZES_FIELDS, Evaluation, TrainSettings, train_and_evaluate
+from train.loop import METHOD_SIZES_FIELDS, Evaluation, RunFiles, TrainData, TrainSettings, train_and_evaluate
 from train.methods import METHODS, default_learning_rate
 from train.metrics import compute_metrics
 
@@ -209,12 +209,8 @@ def run_one(spec: RunSpec, data: TaskData, budget: TaskBudget, model_path: str, 
         result = train_and_evaluate(
             model,
             settings,
-            method=spec.method,
-            steps_per_epoch=steps_per_epoch,
-            train_batches=train_batches,
-            evaluation=evaluation,
-            regression=regression,
-            log_path=Path(folder) / "metrics.jsonl",
+            TrainData(steps_per_epoch, train_batches, evaluation, regression),
+            RunFiles(log_path=Path(folder) / "metrics.jsonl"),
             description=f"{spec.method} {spec.task} seed {spec.seed}",
         )
     return {

@@ -32,6 +32,8 @@ from train.loop import (
     ConfigError,
     Evaluation,
     RunConfig,
+    RunFiles,
+    TrainData,
     TrainSettings,
     digest,
     mesh_from_flag,
@@ -295,26 +297,25 @@ def run(config: ImageConfig) -> dict:
         main_metric="accuracy",
     )
     events = tensorboard_folder(config.output_dir)
-    run_result = train_and_evaluate(
-        model,
-        settings,
-        method=config.method,
+    # Augmentation and order depend on (seed, epoch) only, so runs are reproducible.
+    data = TrainData(
         steps_per_epoch=len(train.images) // config.batch_size,
-        # Augmentation and order depend on (seed, epoch) only, so runs are reproducible.
-        train_batches=lambda epoch: batches(
+        batches=lambda epoch: batches(
             train, config.batch_size, size, mean, std, np.random.default_rng([config.seed, epoch])
         ),
         evaluation=evaluation,
         regression=False,
+    )
+    files = RunFiles(
         log_path=log,
-        description=f"{config.method} images",
         adapter_dir=config.output_dir / "adapter",
-        base_model=config.model,
         checkpoint_dir=config.output_dir / "checkpoints" / config.method,
-        tensorboard_dir=None if events is None else events / config.method,
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
-        mesh=mesh,
+        tensorboard_dir=None if events is None else events / config.method,
+    )
+    run_result = train_and_evaluate(
+        model, settings, data, files, description=f"{config.method} images", base_model=config.model, mesh=mesh
     )
     task = config.dataset or str(config.image_dir)
     results = write_results(

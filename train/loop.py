@@ -518,52 +518,75 @@ class RunningLoss:
         return {"epoch": epoch, "batch": batch, "loss_sum": total, "loss_count": count}
 
 
-def train_and_evaluate(
-    model: Any,
-    settings: TrainSettings,
-    *,
-    method: str,
-    steps_per_epoch: int,
-    train_batches: Callable[[int], Iterator[Batch]],
-    evaluation: Evaluation,
-    regression: bool,
-    log_path: Path,
-    description: str,
-    adapter_dir: Path | None = None,
-    base_model: str | None = None,
-    checkpoint_dir: Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    mesh: Mesh | None = None,
-    tensorboard_dir: Path | None = None,
-    extra_hooks: Sequence[Hook] = (),
-) -> dict:
-    """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
+class TrainData(NamedTuple):
+    """What a run trains and is scored on.
 
-    Args:
-      model: a Hugging Face Flax model with its pretrained params.
-      settings: the method's hyper-parameters.
-      method: one of :data:`METHODS`.
+    Attributes:
       steps_per_epoch: full batches per epoch.
-      train_batches: ``train_batches(epoch)`` yields that epoch's batches; it must depend only on the
-        epoch (and fixed seeds), so that a run is reproducible.
+      batches: ``batches(epoch)`` yields that epoch's training batches; it must depend only on the epoch
+        (and fixed seeds), so that a run is reproducible and a resumed one sees the same batches.
       evaluation: the dev set and its metrics.
       regression: one output, squared-error loss.
+    """
+
+    steps_per_epoch: int
+    batches: Callable[[int], Iterator[Batch]]
+    evaluation: Evaluation
+    regression: bool
+
+
+class RunFiles(NamedTuple):
+    """Where a run writes, and whether it continues what is there.
+
+    Attributes:
       log_path: ``metrics.jsonl``; one JSON object per evaluation is appended.
-      description: the progress bar's label.
       adapter_dir: where to save the trained adapter (``save_adapter``'s folder), for adapter methods.
-      base_model: the base model's name or path, recorded in the adapter file.
       checkpoint_dir: where to keep Orbax checkpoints of the trainable state (``None``: none).
       checkpoint_every: save every this many steps (and always after the last one).
       resume: continue from the latest checkpoint in ``checkpoint_dir``, keeping the evaluations already
         in ``log_path``; a resumed run ends bitwise identical to an uninterrupted one on CPU.
+      tensorboard_dir: also write TensorBoard events there (:class:`~train.hooks.TensorBoardHook`; the
+        programs pass :func:`tensorboard_folder`, ``None`` when ``tensorboardX`` is not installed).
+    """
+
+    log_path: Path
+    adapter_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    tensorboard_dir: Path | None = None
+
+
+def train_and_evaluate(
+    model: Any,
+    settings: TrainSettings,
+    data: TrainData,
+    files: RunFiles,
+    *,
+    method: str | None = None,
+    description: str = "",
+    base_model: str | None = None,
+    mesh: Mesh | None = None,
+    extra_hooks: Sequence[Hook] = (),
+) -> dict:
+    """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
+
+    The run is a runtime (:func:`~train.runtime.make_runtime`: placed state and the train and eval steps)
+    driven through the epochs, with hooks that checkpoint, log, show progress and write TensorBoard events.
+
+    Args:
+      model: a Hugging Face Flax model with its pretrained params.
+      settings: the method's hyper-parameters.
+      data: the training batches and the dev evaluation.
+      files: the metrics log, adapter, checkpoint and TensorBoard folders, and whether to resume.
+      method: one of :data:`METHODS` (``None``: ``settings.method``).
+      description: the progress bar's label.
+      base_model: the base model's name or path, recorded in the adapter file.
       mesh: shard the run over this device mesh (``cdvft_jax.sharding``): the frozen base FSDP-sharded
         along ``fsdp``, the batch split over ``data`` x ``fsdp``, the trainable state replicated.
         ``None`` runs on one device.  With several processes every process iterates the same global
         batches and copies only its own rows (``sharding.local_rows``) to its devices; predictions
         come back replicated, so every process computes the same metrics (:func:`~train.runtime.make_runtime`).
-      tensorboard_dir: also write TensorBoard events there (:class:`~train.hooks.TensorBoardHook`; the
-        programs pass :func:`tensorboard_folder`, ``None`` when ``tensorboardX`` is not installed).
       extra_hooks: more :class:`~train.hooks.Hook`\\ s, called after the built-in ones (checkpoints, the
         metrics log, progress, TensorBoard).
 
@@ -572,76 +595,54 @@ def train_and_evaluate(
       (``best_epoch``) and at the ``final`` step, ``final_train_loss`` (the mean loss of the last epoch's
       steps), every logged evaluation (``evaluations``), steps and timing.
     """
-    if steps_per_epoch == 0:
+    method = method or settings.method
+    if data.steps_per_epoch == 0:
         raise SystemExit("the training set is smaller than one batch")
-    total_steps = steps_per_epoch * settings.epochs
+    total_steps = data.steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
     setup = setup_method(method, model, settings, total_steps)
     print(f"[{method}] {setup.describe}", flush=True)
-    runtime = make_runtime(setup, regression=regression, seed=settings.seed, mesh=mesh)
-    state, frozen, dropout_key = runtime.state, runtime.frozen, runtime.dropout_key
+    runtime = make_runtime(setup, regression=data.regression, seed=settings.seed, mesh=mesh)
+    state, dropout_key = runtime.state, runtime.dropout_key
+    evaluation = data.evaluation
 
     resume_from = {"epoch": 1, "batch": 0, "loss_sum": 0.0, "loss_count": 0}
     hooks: list[Hook] = []
-    if checkpoint_dir is not None:
-        checkpointer = TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every or total_steps)
+    if files.checkpoint_dir is not None:
+        checkpointer = TrainingCheckpointer(files.checkpoint_dir, save_every=files.checkpoint_every or total_steps)
         hooks.append(CheckpointHook(checkpointer))
     try:  # from here on an error stops every hook built so far (the checkpointer's threads first)
-        restored = checkpointer.restore_latest(state, dropout_key) if resume and checkpoint_dir is not None else None
+        restored = None
+        if files.resume and files.checkpoint_dir is not None:
+            restored = checkpointer.restore_latest(state, dropout_key)
         if restored is not None:
             state, dropout_key, resume_from = restored
-            print(f"[{method}] resumed from step {int(state.step)} in {checkpoint_dir}", flush=True)
+            print(f"[{method}] resumed from step {int(state.step)} in {files.checkpoint_dir}", flush=True)
         step = int(state.step)
         # Evaluations logged before a restart are kept; later ones are redone (they are deterministic).
-        records = _logged_records(log_path, method, step) if resume else []
-        hooks += [MetricsLogHook(log_path), ProgressHook(description, method, total_steps)]
-        if tensorboard_dir is not None:
+        records = _logged_records(files.log_path, method, step) if files.resume else []
+        hooks += [MetricsLogHook(files.log_path), ProgressHook(description, method, total_steps)]
+        if files.tensorboard_dir is not None:
             # A resumed run hides what the cut-short one logged after the restored step (and redoes it).
-            hooks.append(
-                TensorBoardHook(tensorboard_dir, evaluation.metric_names, resumed_from=step if resume else None)
-            )
+            resumed_from = step if files.resume else None
+            hooks.append(TensorBoardHook(files.tensorboard_dir, evaluation.metric_names, resumed_from=resumed_from))
         hooks += extra_hooks
         if not records:
-            before = evaluate(runtime.eval_step, state.trainable, frozen, evaluation)
+            before = evaluate(runtime.eval_step, state.trainable, runtime.frozen, evaluation)
             records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
             _notify(hooks, "on_evaluation", records[-1])
         for hook in hooks:
             hook.on_start(step)
         first_step, start = step, time.perf_counter()
-        position: dict[str, Any] | Callable[[], dict[str, Any]] = resume_from  # where the last step left the data
-        losses = RunningLoss(resume_from["loss_sum"], resume_from["loss_count"])
-        examples = 0
-        for epoch in range(resume_from["epoch"], math.ceil(total_steps / steps_per_epoch) + 1):
-            resumed_here = epoch == resume_from["epoch"]
-            skip = resume_from["batch"] if resumed_here else 0
-            if not resumed_here:
-                losses = RunningLoss()
-            for index, batch in enumerate(train_batches(epoch)):
-                if index < skip:
-                    continue  # consumed before the restart; iterating keeps any augmentation RNG in step
-                if step == total_steps:
-                    break
-                state, metrics = runtime.train_step(state, frozen, batch, jax.random.fold_in(dropout_key, step))
-                step += 1
-                losses.add(step, metrics["loss"], metrics["finite"])
-                position = functools.partial(losses.position, epoch, index + 1)
-                examples = len(batch.labels)
-                _notify(hooks, "on_step", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
-            if any(r["epoch"] == epoch for r in records):
-                continue  # evaluated before the restart
-            train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
-            result = evaluate(runtime.eval_step, state.trainable, frozen, evaluation)
-            records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
-            _notify(hooks, "on_evaluation", records[-1])
-        _notify(hooks, "on_finish", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
+        state, step = _fit(runtime, state, dropout_key, data, hooks, records, resume_from, total_steps, method)
     except BaseException:
         _abort(hooks)
         raise
     seconds = time.perf_counter() - start
     cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
-    if adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
-        cdvft_jax.save_adapter(adapter_dir, setup.adapted, state.trainable, base_model=base_model)
+    if files.adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
+        cdvft_jax.save_adapter(files.adapter_dir, setup.adapted, state.trainable, base_model=base_model)
     best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
     return {
         "method": method,
@@ -656,6 +657,49 @@ def train_and_evaluate(
         "steps": step,
         "steps_per_second": (step - first_step) / seconds if seconds > 0 else None,
     }
+
+
+def _fit(
+    runtime: Any,
+    state: Any,
+    dropout_key: jax.Array,
+    data: TrainData,
+    hooks: Sequence[Hook],
+    records: list[dict],
+    resume_from: dict[str, Any],
+    total_steps: int,
+    method: str,
+) -> tuple[Any, int]:
+    """The epochs from ``resume_from`` to ``total_steps``: steps, the hooks' calls and an evaluation after
+    each epoch (appended to ``records``, unless logged before a restart); returns the state and step."""
+    step = int(state.step)
+    position: dict[str, Any] | Callable[[], dict[str, Any]] = resume_from  # where the last step left the data
+    losses = RunningLoss(resume_from["loss_sum"], resume_from["loss_count"])
+    examples = 0
+    for epoch in range(resume_from["epoch"], math.ceil(total_steps / data.steps_per_epoch) + 1):
+        resumed_here = epoch == resume_from["epoch"]
+        skip = resume_from["batch"] if resumed_here else 0
+        if not resumed_here:
+            losses = RunningLoss()
+        for index, batch in enumerate(data.batches(epoch)):
+            if index < skip:
+                continue  # consumed before the restart; iterating keeps any augmentation RNG in step
+            if step == total_steps:
+                break
+            state, metrics = runtime.train_step(state, runtime.frozen, batch, jax.random.fold_in(dropout_key, step))
+            step += 1
+            losses.add(step, metrics["loss"], metrics["finite"])
+            position = functools.partial(losses.position, epoch, index + 1)
+            examples = len(batch.labels)
+            _notify(hooks, "on_step", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
+        if any(r["epoch"] == epoch for r in records):
+            continue  # evaluated before the restart
+        train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
+        result = evaluate(runtime.eval_step, state.trainable, runtime.frozen, data.evaluation)
+        records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
+        _notify(hooks, "on_evaluation", records[-1])
+    _notify(hooks, "on_finish", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
+    return state, step
 
 
 def tensorboard_folder(output_dir: Path) -> Path | None:

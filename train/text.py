@@ -32,6 +32,8 @@ from train.loop import (
     ConfigError,
     Evaluation,
     RunConfig,
+    RunFiles,
+    TrainData,
     TrainSettings,
     digest,
     mesh_from_flag,
@@ -307,6 +309,8 @@ def run(config: TextConfig) -> dict:
         rng = np.random.default_rng([config.seed, epoch])
         return batches(train, config.batch_size, pad_id, config.max_length, rng)
 
+    data = TrainData(len(train.input_ids) // config.batch_size, train_batches, evaluation, regression)
+
     methods = [config.method] + (["head"] if config.compare_head and config.method != "head" else [])
     runs, events = [], tensorboard_folder(config.output_dir)
     for index, name in enumerate(methods):
@@ -314,23 +318,23 @@ def run(config: TextConfig) -> dict:
         model = FlaxAutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=spec.num_labels, seed=config.seed
         )
+        files = RunFiles(
+            log_path=log,
+            adapter_dir=config.output_dir / "adapter" if index == 0 else None,
+            checkpoint_dir=config.output_dir / "checkpoints" / name,
+            checkpoint_every=config.checkpoint_every,
+            resume=config.resume,
+            tensorboard_dir=None if events is None else events / name,
+        )
         runs.append(
             train_and_evaluate(
                 model,
                 settings,
+                data,
+                files,
                 method=name,
-                steps_per_epoch=len(train.input_ids) // config.batch_size,
-                train_batches=train_batches,
-                evaluation=evaluation,
-                regression=regression,
-                log_path=log,
                 description=f"{name} {spec.name}",
-                adapter_dir=config.output_dir / "adapter" if index == 0 else None,
                 base_model=model_path,
-                checkpoint_dir=config.output_dir / "checkpoints" / name,
-                tensorboard_dir=None if events is None else events / name,
-                checkpoint_every=config.checkpoint_every,
-                resume=config.resume,
                 mesh=mesh,
             )
         )
