@@ -36,7 +36,7 @@ from cdvft_jax.methods.c3a import C3A, C3A_INIT_SCHEMES, C3AConfig
 
 # isort: split
 from cdvft_jax._version import __version__
-from cdvft_jax.adapter_io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
+from cdvft_jax.adapter_io import AdapterFileError, AdapterWriteError, load_adapter, read_adapter_config, save_adapter
 from cdvft_jax.cdv import (
     CDVShape,
     block_circulant_apply,
@@ -86,6 +86,7 @@ __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "AdapterFileError",
+    "AdapterWriteError",
     "AdapterMethod",
     "C3AConfig",
     "CDVDense",

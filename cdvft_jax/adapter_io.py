@@ -83,6 +83,10 @@ class AdapterFileError(ValueError):
     """An adapter directory is missing, unreadable, corrupt, or made for another model."""
 
 
+class AdapterWriteError(OSError):
+    """An adapter could not be written (a full disk, say); the message says whether an older one stays."""
+
+
 # --- saving -------------------------------------------------------------------------------------
 
 
@@ -119,6 +123,8 @@ def save_adapter(
     Raises:
       ValueError: if ``params`` lacks a trainable leaf or has one of the wrong shape.
       NonFiniteError: if a trainable leaf holds a NaN or an infinity (nothing is written).
+      AdapterWriteError: if a file cannot be written (a full disk, say); an older adapter in
+        ``directory`` stays loadable unless the save had already removed its config.
 
     Example::
 
@@ -153,11 +159,11 @@ def save_adapter(
     # Serialised before the disk is touched, so a config that is not JSON-ready fails cleanly.
     text = json.dumps(document, indent=2) + "\n"
 
-    directory.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex
     weights_tmp = directory / f".{WEIGHTS_NAME}.{tag}.tmp"
     config_tmp = directory / f".{CONFIG_NAME}.{tag}.tmp"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         _write_durably(weights_tmp, weights)
         os.chmod(weights_tmp, SHARED_FILE_MODE)
         _write_durably(config_tmp, text.encode("utf-8"))
@@ -168,6 +174,15 @@ def save_adapter(
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
         os.replace(config_tmp, directory / CONFIG_NAME)
         _fsync_dir(directory)
+    except OSError as e:
+        kept = (
+            "the adapter saved there before stays loadable"
+            if (directory / CONFIG_NAME).is_file()
+            else "the folder holds no loadable adapter"
+        )
+        raise AdapterWriteError(
+            f"could not write the adapter in {directory}: {e}; {kept}. Free space (or fix the folder) and save again."
+        ) from e
     finally:
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)

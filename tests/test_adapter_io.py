@@ -21,6 +21,7 @@ from cdvft_jax.adapter_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFileError,
+    AdapterWriteError,
     load_adapter,
     read_adapter_config,
     save_adapter,
@@ -324,7 +325,10 @@ def test_a_crash_while_writing_keeps_the_older_adapter(roberta, copy, monkeypatc
     _, old = load_adapter(copy, roberta)
     newer, newer_params = trained(roberta, seed=1)
     monkeypatch.setattr(adapter_io, "_write_durably", full_disk)
-    with pytest.raises(OSError, match="No space left on device"):
+    expected = (
+        rf"could not write the adapter in {copy}: .*No space left on device; the adapter saved there before stays"
+    )
+    with pytest.raises(AdapterWriteError, match=expected):
         save_adapter(copy, newer, newer_params)
     monkeypatch.undo()
 
@@ -337,7 +341,7 @@ def test_a_crash_while_writing_keeps_the_older_adapter(roberta, copy, monkeypatc
 def test_a_crash_while_writing_a_new_directory_leaves_no_adapter(roberta, tmp_path, monkeypatch):
     adapted, params = trained(roberta)
     monkeypatch.setattr(adapter_io, "_write_durably", full_disk)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(AdapterWriteError, match="No space left on device; the folder holds no loadable adapter"):
         save_adapter(tmp_path / "new", adapted, params)
     monkeypatch.undo()
     with pytest.raises(AdapterFileError, match=f"holds no {CONFIG_NAME}"):
@@ -355,7 +359,7 @@ def test_a_crash_between_the_renames_leaves_no_config(roberta, copy, monkeypatch
 
     newer, newer_params = trained(roberta, seed=1)
     monkeypatch.setattr(os, "replace", crash_on_config)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(AdapterWriteError, match="killed; the folder holds no loadable adapter"):
         save_adapter(copy, newer, newer_params)
     monkeypatch.undo()
     assert sorted(os.listdir(copy)) == [WEIGHTS_NAME]

@@ -102,3 +102,26 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_the_run_resumes_from_the_l
     assert log == expected_log and results == expected_results
     for key, value in expected_tensors.items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
+
+
+def test_a_full_disk_during_the_adapter_save_is_named_and_the_resumed_run_saves_it(
+    tmp_path, tiny_model, straight, monkeypatch
+):
+    from cdvft_jax import adapter_io
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(adapter_io, "_write_durably", full_disk)
+    out = tmp_path / "out"
+    run_flags = flags(tmp_path, tiny_model, out)
+    with pytest.raises(cdvft_jax.AdapterWriteError, match=rf"adapter in {out / 'adapter'}: .*No space left"):
+        text.main(run_flags)
+    assert not (out / "results.json").exists()
+    monkeypatch.undo()
+    text.main([*run_flags, "--resume"])  # from the last checkpoint, the final step's: only the save is redone
+    tensors, log, results = outcome(out)
+    expected_tensors, expected_log, expected_results = outcome(straight)
+    assert log == expected_log and results == expected_results
+    for key, value in expected_tensors.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)

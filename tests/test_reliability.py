@@ -209,3 +209,36 @@ def test_a_damaged_run_record_is_named(tmp_path, tiny_model, csv_task):
     (out / "run.json").write_text("{not json")
     with pytest.raises(SystemExit, match=r"--resume: .*run.json is damaged"):
         run_text(tiny_model, out, *csv_task, "--max-steps", "2", "--resume")
+
+
+def test_image_normalisation_comes_from_the_models_preprocessor_config_as_hugging_face_applies_it(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    assert [s.tolist() for s in image.normalisation(str(tmp_path))] == [[0.5] * 3, [0.5] * 3]  # no file: ViT's
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    ViTImageProcessor(image_mean=mean, image_std=std).save_pretrained(tmp_path)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    ours = image.to_pixels([picture], *image.normalisation(str(tmp_path)))
+    theirs = ViTImageProcessor.from_pretrained(tmp_path)(picture, do_resize=False, return_tensors="np").pixel_values
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_mean": [0.5, 0.5], "image_std": [0.5] * 3}, "image_mean must be 3 finite numbers"),
+        ({"image_mean": [0.5] * 3, "image_std": [0.5, 0.0, 0.5]}, "image_std must be 3 finite numbers > 0"),
+        ({"image_std": [0.5] * 3}, "image_mean must be 3 finite numbers"),
+        ({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1.0}, "rescales pixels by 1.0"),
+    ],
+)
+def test_a_preprocessor_config_that_train_image_cannot_follow_is_named(tmp_path, fields, message):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(fields))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        image.normalisation(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="preprocessor_config.json is not JSON"):
+        image.normalisation(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    assert [s.tolist() for s in image.normalisation(str(tmp_path))] == [[0.0] * 3, [1.0] * 3]

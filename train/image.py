@@ -230,12 +230,39 @@ def batches(data: ImageSet, batch_size: int, size: int, mean, std, rng: np.rando
 
 
 def normalisation(model_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model's image mean and std from ``preprocessor_config.json``, else ViT's 0.5 / 0.5."""
-    config = Path(model_path) / "preprocessor_config.json"
-    if config.is_file():
-        values = json.loads(config.read_text())
-        return np.asarray(values["image_mean"], np.float32), np.asarray(values["image_std"], np.float32)
-    return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
+    """The per-channel mean and std of the model's ``preprocessor_config.json``, else ViT's 0.5 / 0.5.
+
+    Pixels are scaled to [0, 1] first (HF image processors' ``rescale_factor`` 1/255); a config with
+    ``do_normalize: false`` gives mean 0 and std 1.
+
+    Raises:
+      SystemExit: naming the file, when it is not JSON, its mean or std are not three finite numbers
+        (std > 0), or it rescales pixels other than by 1/255.
+    """
+    path = Path(model_path) / "preprocessor_config.json"
+    if not path.is_file():
+        return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path} is not JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path} is not a JSON object")
+    factor = values.get("rescale_factor", 1 / 255) if values.get("do_rescale", True) else 1.0
+    if not isinstance(factor, int | float) or not math.isclose(factor, 1 / 255, rel_tol=1e-6):
+        raise SystemExit(f"{path} rescales pixels by {factor!r}; train.image scales them by 1/255 only")
+    if not values.get("do_normalize", True):
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    stats = []
+    for key in ("image_mean", "image_std"):
+        value = values.get(key)
+        ok = isinstance(value, list) and len(value) == 3
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok or (key == "image_std" and min(value) <= 0):
+            bound = " > 0" if key == "image_std" else ""
+            raise SystemExit(f"{path}: {key} must be 3 finite numbers{bound} (one per RGB channel), got {value!r}")
+        stats.append(np.asarray(value, np.float32))
+    return stats[0], stats[1]
 
 
 def images_digest(data: ImageSet) -> str:
