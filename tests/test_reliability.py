@@ -238,7 +238,7 @@ def test_a_preprocessor_config_that_train_image_cannot_follow_is_named(tmp_path,
     with pytest.raises(SystemExit, match=re.escape(message)):
         image.normalisation(str(tmp_path))
     (tmp_path / "preprocessor_config.json").write_text("{not json")
-    with pytest.raises(SystemExit, match="preprocessor_config.json is not JSON"):
+    with pytest.raises(SystemExit, match=r"preprocessor_config\.json is not JSON"):
         image.normalisation(str(tmp_path))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
     assert [s.tolist() for s in image.normalisation(str(tmp_path))] == [[0.0] * 3, [1.0] * 3]
