@@ -56,6 +56,7 @@ from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
 from cdvft_jax.injection import (
     AdaptedLayer,
     AdaptedModel,
+    AdapterRows,
     DenseLayer,
     TrainableSummary,
     find_dense_layers,
@@ -64,6 +65,7 @@ from cdvft_jax.injection import (
 from cdvft_jax.layers import CDVDense
 from cdvft_jax.methods.base import AdapterMethod, MethodSpec, method_names, method_spec
 from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_params, non_finite_leaves, split_params
+from cdvft_jax.stacking import adapter_difference, stack_adapters
 from cdvft_jax.training import (
     TrainState,
     adapter_optimizer,
@@ -88,6 +90,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterWriteError",
     "AdapterMethod",
+    "AdapterRows",
     "C3AConfig",
     "CDVDense",
     "CDVFTConfig",
@@ -104,6 +107,7 @@ __all__ = [
     "TrainableSummary",
     "VeRAConfig",
     "__version__",
+    "adapter_difference",
     "adapter_optimizer",
     "block_circulant_apply",
     "block_circulant_matrix",
@@ -134,6 +138,7 @@ __all__ = [
     "single_tree_optimizer",
     "spectral_positions",
     "split_params",
+    "stack_adapters",
     "valid_block_sizes",
     "vera_projections",
 ]

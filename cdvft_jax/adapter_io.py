@@ -131,7 +131,7 @@ def save_adapter(
         save_adapter("out/sst2", adapted, params, base_model="roberta-base")
     """
     directory = Path(directory)
-    expected = _trainable_shapes(adapted)
+    expected = adapted.trainable_shapes()
     trainable = {path: leaf for path, leaf in flat_params(params).items() if adapted.is_trainable(path)}
     missing = sorted(set(expected) - set(trainable))
     if missing:
@@ -332,7 +332,7 @@ def load_adapter(
     )
 
     base = _flat_base_params(model, base_params, adapted)
-    stored = _read_tensors(weights_path, _trainable_shapes(adapted), document.get("weights_sha256"))
+    stored = _read_tensors(weights_path, adapted.trainable_shapes(), document.get("weights_sha256"))
     base.update((path, jnp.asarray(value)) for path, value in stored.items())
     base.update(flat_params(adapted.frozen_adapter_params()))
     return adapted, unflat_params(base)
@@ -437,18 +437,6 @@ def _saved_module_shapes(adapted: AdaptedModel) -> dict[str, Shape]:
     return {
         path: tuple(leaf.shape) for path, leaf in adapted.base_shapes.items() if adapted.config.in_modules_to_save(path)
     }
-
-
-def _trainable_shapes(adapted: AdaptedModel) -> dict[str, Shape]:
-    """``{param path: shape}`` of every leaf an adapter file stores."""
-    shapes = {
-        f"{path}/{name}": tuple(shape)
-        for path, layer in adapted.layers.items()
-        for name, shape in layer.param_shapes.items()
-        if name not in adapted.method.frozen_leaves
-    }
-    shapes.update(_saved_module_shapes(adapted))
-    return shapes
 
 
 def _check_same(stored: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:

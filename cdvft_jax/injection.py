@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +36,9 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from cdvft_jax.config import AdapterConfig, matches, matches_within
 from cdvft_jax.layer_types import AdaptedLayer, AdapterLayerMarker, DenseLayer
@@ -42,7 +46,15 @@ from cdvft_jax.merge import fold_adapters
 from cdvft_jax.params import Params, count_params, flat_params, merge_params, split_params, unflat_params
 from cdvft_jax.params import check_finite as check_finite_params
 
-__all__ = ["AdaptedLayer", "AdaptedModel", "DenseLayer", "TrainableSummary", "find_dense_layers", "inject"]
+__all__ = [
+    "AdaptedLayer",
+    "AdaptedModel",
+    "AdapterRows",
+    "DenseLayer",
+    "TrainableSummary",
+    "find_dense_layers",
+    "inject",
+]
 
 
 class TrainableSummary(NamedTuple):
@@ -151,20 +163,122 @@ class AdaptedModel:
         delta = self.method.delta(leaves, _dense_input(args, kwargs), layer.d_out, layer.config, rng)
         return y + (layer.config.scaling * delta).astype(y.dtype)
 
+    def _stacked_interceptor(self, rows: AdapterRows, next_fun, args, kwargs, context):
+        # Row b of the batch runs adapter rows.index[b]: its adapter leaves and head are gathered per row.
+        module = context.module
+        if context.method_name != "__call__" or not _is_plain_dense(module):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        x = _dense_input(args, kwargs)
+        if path in self.layers:
+            layer = self.layers[path]
+            rows.check_batch(x, path)
+            y = next_fun(*args, **kwargs)  # the frozen kernel is the same for every row
+            frozen = self.method.frozen_leaves
+            shared = {n: module.get_variable("params", n) for n in layer.param_shapes if n in frozen}
+            own = {n: rows.gather(module.get_variable("params", n)) for n in layer.param_shapes if n not in frozen}
+            if self.method.needs_rng(layer.config) and module.scope.has_rng("dropout"):
+                raise ValueError(
+                    f"stacked adapters run deterministically (inference), but layer {path!r} has adapter dropout "
+                    "and the call a dropout rng: call the model with train=False (or without a dropout rng)"
+                )
+
+            def row_delta(leaves, x_row):
+                return self.method.delta(shared | leaves, x_row, layer.d_out, layer.config, None)
+
+            x_rows = x.reshape(x.shape[0], -1, layer.d_in)
+            delta = jax.vmap(row_delta)(own, x_rows)
+            delta = delta * rows.active[:, None, None]  # base rows (id -1) get no delta
+            return y + (layer.config.scaling * delta.reshape(y.shape)).astype(y.dtype)
+        if self.config.in_modules_to_save(path):  # a head layer: one per adapter
+            rows.check_batch(x, path)
+            return _per_row_dense(module, x, rows)
+        return next_fun(*args, **kwargs)
+
+    def adapter_rows(self, params: Params, adapter_ids: Any) -> AdapterRows:
+        """Checks ``params`` holds stacked adapters (:func:`~cdvft_jax.stack_adapters`) and ``adapter_ids``
+        their indices, one per batch row, -1 for the base model; returns the rows' gather plan.
+
+        Raises:
+          ValueError: a trainable leaf lacks the leading adapter axis or the stacks differ in size, a
+            ``modules_to_save`` leaf is not an ``nn.Dense`` layer's, ``adapter_ids`` is not 1-D, or (when
+            the ids are concrete, outside ``jit``) an id lies outside ``[-1, N)``.  Under ``jit`` an id
+            out of range is not clamped: its rows come out NaN.
+        """
+        flat = flat_params(params)
+        count = None
+        for path, shape in self.trainable_shapes().items():
+            leaf = flat.get(path)
+            if leaf is None:
+                raise ValueError(f"params lack the trainable leaf {path!r}; stack adapters with stack_adapters")
+            if tuple(leaf.shape[1:]) != shape or (count is not None and leaf.shape[0] != count):
+                expected = f"(N, {', '.join(map(str, shape))})" if count is None else str((count, *shape))
+                raise ValueError(
+                    f"adapter_ids needs stacked adapters (stack_adapters): {path!r} has shape "
+                    f"{tuple(leaf.shape)}, expected {expected}"
+                )
+            count = leaf.shape[0]
+        for path in self.trainable_shapes():
+            module = path.rpartition("/")[0]
+            if not self.is_adapter_leaf(path) and module not in self.dense_layers:
+                raise ValueError(
+                    f"stacked adapters run per-row heads made of nn.Dense layers only; {path!r} is not a Dense "
+                    "layer's (keep such modules out of modules_to_save to stack adapters)"
+                )
+        try:  # concrete ids are checked here; traced ones (inside jit) only by their NaN rows
+            concrete = np.asarray(adapter_ids)
+        except jax.errors.TracerArrayConversionError:
+            concrete = None
+        ids = jnp.asarray(adapter_ids)
+        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"adapter_ids must be a 1-D integer array (one id per batch row), got {ids.dtype}{list(ids.shape)}"
+            )
+        if concrete is not None and concrete.size:
+            low, high = int(concrete.min()), int(concrete.max())
+            if low < -1 or high >= count:
+                raise ValueError(f"adapter_ids must lie in [-1, {count}) (-1: the base model), got {low}..{high}")
+        # -1 reads adapter 0 (its head; the delta is masked out); any other id outside [0, N) reads NaN.
+        index = jnp.where(ids == -1, 0, jnp.where(ids < 0, count, ids))
+        return AdapterRows(index, (ids != -1).astype(jnp.float32), count)
+
     @contextlib.contextmanager
-    def intercept(self) -> Iterator[None]:
+    def intercept(self, rows: AdapterRows | None = None) -> Iterator[None]:
         """Context in which every call of the model's modules is adapted.
 
         Use it to adapt a call that :meth:`__call__` does not cover, e.g.
-        ``module.apply`` with extra variable collections.
+        ``module.apply`` with extra variable collections.  With ``rows``
+        (:meth:`adapter_rows`), each batch row runs its own stacked adapter.
         """
-        with nn.intercept_methods(self._interceptor):
+        interceptor = self._interceptor if rows is None else functools.partial(self._stacked_interceptor, rows)
+        with nn.intercept_methods(interceptor):
             yield
 
-    def __call__(self, *args: Any, params: Params, **kwargs: Any) -> Any:
-        """Runs the adapted model: ``apply_fn(*args, params=params, **kwargs)`` under interception."""
-        with self.intercept():
+    def __call__(self, *args: Any, params: Params, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        """Runs the adapted model: ``apply_fn(*args, params=params, **kwargs)`` under interception.
+
+        With ``adapter_ids`` (one int per batch row), ``params`` holds N stacked adapters
+        (:func:`~cdvft_jax.stack_adapters` merged with the frozen tree) and row ``b`` runs adapter
+        ``adapter_ids[b]`` with its head; ``-1`` runs the base model with adapter 0's head.  Each row
+        gathers its own adapter leaves, so the work per row does not grow with N.
+        """
+        rows = None if adapter_ids is None else self.adapter_rows(params, adapter_ids)
+        with self.intercept(rows):
             return self.apply_fn(*args, params=params, **kwargs)
+
+    def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{param path: shape}`` of every trainable leaf: the adapter leaves (but a method's frozen
+        ones) and the base leaves inside ``modules_to_save``; what an adapter file stores."""
+        shapes = {
+            f"{path}/{name}": tuple(shape)
+            for path, layer in self.layers.items()
+            for name, shape in layer.param_shapes.items()
+            if name not in self.method.frozen_leaves
+        }
+        shapes.update(
+            (path, tuple(leaf.shape)) for path, leaf in self.base_shapes.items() if self.config.in_modules_to_save(path)
+        )
+        return shapes
 
     def init_adapter(self, key: jax.Array) -> dict:
         """A tree holding only the adapter leaves, initialised by the config's scheme.
@@ -290,6 +404,45 @@ class AdaptedModel:
     def unmerge(self, merged_params: Params, adapter_params: Params) -> dict:
         """Inverse of :meth:`merge`: subtracts the deltas and puts the adapter leaves back."""
         return fold_adapters(self.layers, merge_params(merged_params, adapter_params), sign=-1.0, keep_adapter=True)
+
+
+class AdapterRows(NamedTuple):
+    """Which stacked adapter each batch row runs (:meth:`AdaptedModel.adapter_rows`).
+
+    Attributes:
+      index: ``(batch,)`` the adapter read per row (adapter 0 for a base row; ``count`` for an id out of
+        range, which reads NaN).
+      active: ``(batch,)`` float32, 0 for base rows (their delta is dropped), else 1.
+      count: N, the number of stacked adapters.
+    """
+
+    index: jax.Array
+    active: jax.Array
+    count: int
+
+    def gather(self, stacked: jax.Array) -> jax.Array:
+        """Row ``b`` of the result is ``stacked[index[b]]``; an index out of range gives NaN, not a clamp."""
+        return jnp.take(stacked, self.index, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def check_batch(self, x: jax.Array, path: str) -> None:
+        """``x`` carries the batch on axis 0, one row per id."""
+        if x.ndim < 2 or x.shape[0] != self.index.shape[0]:
+            raise ValueError(
+                f"adapter_ids has {self.index.shape[0]} ids but layer {path!r} sees an input of shape "
+                f"{tuple(x.shape)}: stacked adapters need the batch on axis 0, one id per row"
+            )
+
+
+def _per_row_dense(module: nn.Dense, x: jax.Array, rows: AdapterRows) -> jax.Array:
+    """``module``'s output with row ``b`` using the kernel and bias of stacked adapter ``rows.index[b]``."""
+    kernel = rows.gather(module.get_variable("params", "kernel"))
+    bias = rows.gather(module.get_variable("params", "bias")) if module.use_bias else None
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    x_rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    y = jnp.einsum("bti,bio->bto", x_rows, kernel, precision=module.precision)
+    if bias is not None:
+        y = y + bias[:, None, :]
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _is_hf_model(model: Any) -> bool:
