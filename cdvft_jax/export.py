@@ -38,7 +38,7 @@ from safetensors.numpy import save_file
 from cdvft_jax.adapter_io import SHARED_FILE_MODE
 from cdvft_jax.params import Params, check_finite, flat_params
 
-__all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "main", "save_merged_flax", "save_merged_torch"]
+__all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "load_base_model", "main", "save_merged_flax", "save_merged_torch"]
 
 
 TORCH_WEIGHTS_NAME = "model.safetensors"
@@ -189,7 +189,7 @@ def save_merged_torch(model: Any, merged_params: Params, out_dir: str | Path) ->
     return out
 
 
-def _load_base_model(name_or_path: str, model_class: str | None, num_labels: int | None, from_pt: bool) -> Any:
+def load_base_model(name_or_path: str, model_class: str | None, num_labels: int | None, from_pt: bool) -> Any:
     """The base checkpoint as an instance of ``model_class``, the Flax class the adapter was saved from.
 
     The recorded class, rather than a guess from the checkpoint's config
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = args.base or info["base_model"]
         if base is None:
             raise ValueError(f"the adapter in {args.adapter} records no base model; pass --base")
-        model = _load_base_model(base, info["base_model_class"], args.num_labels, args.from_pt)
+        model = load_base_model(base, info["base_model_class"], args.num_labels, args.from_pt)
         adapted, params = load_adapter(args.adapter, model)
         out = save(model, adapted.merge(params), args.out)
     except (OSError, ValueError) as e:

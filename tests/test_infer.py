@@ -1,0 +1,110 @@
+"""``python -m train.infer``: many adapters of one base in mixed batches, each row as its adapter alone."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, FlaxBertForSequenceClassification
+
+import cdvft_jax
+from cdvft_jax.params import flat_params, merge_params, unflat_params
+from train import infer
+
+ROWS = [
+    {"adapter": "a", "text": "a fine film"},
+    {"adapter": "b", "text": "an awful film", "text_pair": "it was long"},
+    {"text": "no adapter named: the base model with a's head"},
+    {"adapter": "b", "text": "great"},
+    {"adapter": None, "text": "null is the base model too"},
+    {"adapter": "a", "text": "the last row", "text_pair": "of a partial batch"},
+    {"adapter": "b", "text": "bad acting, good music"},
+]
+
+
+def save_adapters(tmp_path, tiny_model, config, names=("a", "b")):
+    model = FlaxBertForSequenceClassification.from_pretrained(tiny_model, num_labels=3, seed=0)
+    adapted = cdvft_jax.inject(model, config)
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
+    folders = []
+    for seed, name in enumerate(names, 1):
+        flat = flat_params(trainable)
+        keys = dict(zip(flat, jax.random.split(jax.random.key(seed), len(flat)), strict=True))
+        moved = unflat_params({p: v + 0.3 * jax.random.normal(keys[p], v.shape) for p, v in flat.items()})
+        folder = tmp_path / name / "adapter"
+        cdvft_jax.save_adapter(folder, adapted, merge_params(moved, frozen), base_model=str(tiny_model))
+        folders.append(folder)
+    return model, folders
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_mixed_batches_score_each_row_with_its_adapter(tmp_path, tiny_model):
+    config = cdvft_jax.CDVFTConfig(modules_to_save=["classifier"])
+    model, (a, b) = save_adapters(tmp_path, tiny_model, config)
+    rows = write_rows(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "predictions.jsonl"
+    infer.main(
+        [
+            *("--model", str(tiny_model), "--adapters", f"a={a}", f"b={b}", "--num-labels", "3"),
+            *("--input", str(rows), "--output", str(out), "--batch-size", "3"),
+        ]
+    )
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in written] == list(range(len(ROWS)))
+    assert [r["adapter"] for r in written] == [row.get("adapter") for row in ROWS]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    loaded = {name: cdvft_jax.load_adapter(folder, model) for name, folder in (("a", a), ("b", b))}
+    adapted = loaded["a"][0]
+    # The base model run without interception, with a's head: what rows without an adapter get.
+    head = {p: v for p, v in flat_params(loaded["a"][1]).items() if not adapted.is_adapter_leaf(p)}
+    base_params = unflat_params({**flat_params(model.params), **head})
+    for row, record in zip(ROWS, written, strict=True):
+        inputs = {
+            k: jnp.asarray(v) for k, v in tokenizer(row["text"], row.get("text_pair"), return_tensors="np").items()
+        }
+        name = row.get("adapter")
+        if name is None:
+            logits = model(**inputs, params=base_params).logits
+        else:
+            logits = loaded[name][0](**inputs, params=loaded[name][1]).logits
+        expected = np.asarray(jax.nn.softmax(logits[0]))
+        np.testing.assert_allclose(record["scores"], expected, rtol=0, atol=1e-5, err_msg=str(row))
+        assert record["label"] == int(np.argmax(expected))
+    scores = np.asarray([r["scores"] for r in written])
+    assert np.abs(scores[0] - scores[5]).max() > 1e-3  # rows really differ, so a mix-up would show
+
+
+def test_bad_rows_and_adapters_are_named_before_anything_runs(tmp_path, tiny_model):
+    config = cdvft_jax.CDVFTConfig(modules_to_save=["classifier"])
+    _, (a, b) = save_adapters(tmp_path, tiny_model, config)
+    out = tmp_path / "predictions.jsonl"
+
+    def run(rows, *adapters):
+        path = rows if not isinstance(rows, list) else write_rows(tmp_path / "rows.jsonl", rows)
+        argv = ["--model", str(tiny_model), "--adapters", *map(str, adapters), "--num-labels", "3"]
+        infer.main([*argv, "--input", str(path), "--output", str(out)])
+
+    with pytest.raises(SystemExit, match=r"rows.jsonl:2: adapter 'c' is not among --adapters \(a, b\)"):
+        run([{"adapter": "a", "text": "x"}, {"adapter": "c", "text": "y"}], f"a={a}", f"b={b}")
+    with pytest.raises(SystemExit, match=r"rows\.jsonl:1: a text model needs a string 'text'"):
+        run([{"adapter": "a", "image": "x.png"}], f"a={a}")
+    (tmp_path / "torn.jsonl").write_text('{"text": "x"}\n{"text": \n')
+    with pytest.raises(SystemExit, match=r"torn\.jsonl:2: not a JSON object"):
+        run(tmp_path / "torn.jsonl", f"a={a}")
+    with pytest.raises(SystemExit) as twice:
+        run([{"text": "x"}], a, b)  # both folders are named "adapter"
+    assert twice.value.code == 2
+    lora = cdvft_jax.LoRAConfig(rank=2, modules_to_save=["classifier"])
+    _, (c,) = save_adapters(tmp_path / "lora", tiny_model, lora, names=("c",))
+    with pytest.raises(SystemExit, match=r"adapter 'c' .* cannot share a batch .*method: 'cdvft' vs 'lora'"):
+        run([{"text": "x"}], f"a={a}", f"c={c}")
+    (b / "adapter_model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(SystemExit, match=r"adapter 'b' \("):
+        run([{"text": "x"}], f"a={a}", f"b={b}")
+    assert not out.exists()
