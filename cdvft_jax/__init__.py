@@ -65,6 +65,7 @@ from cdvft_jax.injection import (
 from cdvft_jax.layers import CDVDense
 from cdvft_jax.methods.base import AdapterMethod, MethodSpec, method_names, method_spec
 from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_params, non_finite_leaves, split_params
+from cdvft_jax.peft_lora import LayerExport, save_peft_lora
 from cdvft_jax.stacking import adapter_difference, stack_adapters
 from cdvft_jax.training import (
     TrainState,
@@ -83,6 +84,7 @@ __all__ = [
     "FOURIERFT_INIT_SCHEMES",
     "INIT_SCHEMES",
     "LORA",
+    "LayerExport",
     "VERA",
     "AdaptedLayer",
     "AdaptedModel",
@@ -135,6 +137,7 @@ __all__ = [
     "non_finite_leaves",
     "read_adapter_config",
     "save_adapter",
+    "save_peft_lora",
     "single_tree_optimizer",
     "spectral_positions",
     "split_params",

@@ -37,64 +37,20 @@ from safetensors.numpy import save_file
 
 from cdvft_jax.adapter_io import SHARED_FILE_MODE
 from cdvft_jax.params import Params, check_finite, flat_params
+from cdvft_jax.torch_names import flax_to_torch_state_dict
 
-__all__ = ["TORCH_WEIGHTS_NAME", "flax_to_torch_state_dict", "load_base_model", "main", "save_merged_flax", "save_merged_torch"]
+__all__ = [
+    "TORCH_WEIGHTS_NAME",
+    "flax_to_torch_state_dict",
+    "load_base_model",
+    "main",
+    "save_merged_flax",
+    "save_merged_torch",
+]
 
 
 TORCH_WEIGHTS_NAME = "model.safetensors"
 """The weights file :func:`save_merged_torch` writes, the name transformers' PyTorch loader looks for."""
-
-
-def flax_to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
-    """Converts a Hugging Face Flax params tree to a PyTorch state dict of numpy arrays.
-
-    Follows the rules of transformers' own Flax -> PyTorch conversion
-    (``load_flax_weights_in_pytorch_model``) without importing PyTorch:
-
-    * the module path is joined with ``"."``;
-    * a 4-D ``kernel`` (a convolution, HWIO) becomes ``weight`` in OIHW;
-    * any other ``kernel`` (a dense layer, ``(in, out)``) becomes ``weight``
-      transposed (``.T``; PyTorch's ``Linear`` stores ``(out, in)``);
-    * ``scale`` (LayerNorm) and ``embedding`` (Embed) become ``weight``;
-    * every other leaf (``bias``, ``cls_token``, ``position_embeddings``, ...)
-      keeps its name and layout.
-
-    Flax and PyTorch share parameter names for the Hugging Face classes this
-    library adapts (RoBERTa, BERT and ViT with their classification heads,
-    base-model prefix included), so no further renaming is needed.
-
-    Args:
-      params: the ``params`` collection of a Flax model, e.g. the output of
-        :meth:`~cdvft_jax.AdaptedModel.merge`.
-
-    Returns:
-      ``{pytorch name: float32 C-contiguous array}``, ready for
-      ``safetensors.numpy.save_file``.
-
-    Raises:
-      ValueError: for a tree with batch statistics (BatchNorm models), which
-        this conversion does not cover, or when two leaves map to one name.
-    """
-    if "batch_stats" in params:
-        raise ValueError(
-            "params hold a 'batch_stats' collection (a BatchNorm model); only models whose state is the "
-            "'params' collection alone are supported"
-        )
-    state: dict[str, np.ndarray] = {}
-    for path, leaf in flat_params(params).items():
-        *module, name = path.split("/")
-        # np.asarray(float32) also turns bfloat16 leaves into something safetensors and PyTorch both read.
-        array = np.asarray(leaf, dtype=np.float32)
-        if name == "kernel":
-            array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-            name = "weight"
-        elif name in ("scale", "embedding"):
-            name = "weight"
-        key = ".".join([*module, name])
-        if key in state:
-            raise ValueError(f"two Flax parameters map to the PyTorch name {key!r}")
-        state[key] = np.ascontiguousarray(array)
-    return state
 
 
 def _check_merged(model: Any, params: Params) -> None:
@@ -220,7 +176,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--adapter", type=Path, required=True, help="folder written by cdvft_jax.adapter_io.save_adapter")
     p.add_argument("--base", help="hub name or local folder of the base model (default: the one the adapter records)")
-    p.add_argument("--format", choices=("torch", "flax"), default="torch", help="checkpoint to write (default: torch)")
+    p.add_argument(
+        "--format",
+        choices=("torch", "flax", "peft-lora"),
+        default="torch",
+        help="what to write: a merged torch or flax checkpoint, or a peft LoRA adapter (default: torch)",
+    )
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="peft-lora: the rank of every layer's truncated SVD")
+    rank.add_argument("--energy", type=float, help="peft-lora: the share of squared singular values kept per layer")
     p.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
     p.add_argument(
         "--num-labels",
@@ -252,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_labels is not None and args.num_labels < 1:
         parser.error(f"--num-labels must be positive, got {args.num_labels}")
+    if args.format == "peft-lora" and args.rank is None and args.energy is None:
+        parser.error("--format peft-lora needs --rank or --energy")
+    if args.format != "peft-lora" and (args.rank is not None or args.energy is not None):
+        parser.error("--rank and --energy apply to --format peft-lora only")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
     # Imported here: the functions above work on params alone and must not depend on adapter folders.
@@ -265,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"the adapter in {args.adapter} records no base model; pass --base")
         model = load_base_model(base, info["base_model_class"], args.num_labels, args.from_pt)
         adapted, params = load_adapter(args.adapter, model)
+        if args.format == "peft-lora":
+            from cdvft_jax.peft_lora import save_peft_lora
+
+            report = save_peft_lora(args.out, adapted, params, rank=args.rank, energy=args.energy, base_model=base)
+            for path, layer in report.items():
+                print(f"{path}: rank {layer.rank}, relative error {layer.relative_error:.3g}")
+            print(f"wrote a peft LoRA adapter of {args.adapter} to {args.out}")
+            return 0
         out = save(model, adapted.merge(params), args.out)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import HEAD, make_inputs, make_model
 from transformers import FlaxBertForSequenceClassification
 
@@ -220,6 +221,12 @@ def test_cli_base_and_num_labels(tmp_path, capsys):
     assert "modules_to_save does not match" in capsys.readouterr().err
     assert main([*argv, "--base", str(base), "--num-labels", "5"]) == 0
     assert_close(FlaxBertForSequenceClassification.from_pretrained(tmp_path / "out")(**inputs).logits, expected, 1e-5)
+    peft_argv = ["--adapter", str(adapter), "--base", str(base), "--num-labels", "5", "--out", str(tmp_path / "peft")]
+    assert main([*peft_argv, "--format", "peft-lora", "--energy", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "bert/encoder/layer/0/attention/self/query: rank " in printed and "wrote a peft LoRA adapter" in printed
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base)
 
 
 def test_cli_runs_as_a_module():
@@ -238,6 +245,9 @@ def test_cli_runs_as_a_module():
         (["--adapter", "a", "--out", "o", "--format", "onnx"], "invalid choice: 'onnx'"),
         (["--adapter", "a", "--out", "o", "--num-labels", "0"], "must be positive"),
         (["--adapter", "a", "--out", "{tmp}/file"], "exists and is not a folder"),
+        (["--adapter", "a", "--out", "o", "--format", "peft-lora"], "needs --rank or --energy"),
+        (["--adapter", "a", "--out", "o", "--rank", "4"], "apply to --format peft-lora only"),
+        (["--adapter", "a", "--out", "o", "--format", "peft-lora", "--rank", "4", "--energy", "0.9"], "not allowed"),
     ],
 )
 def test_cli_argument_errors(argv, message, tmp_path, capsys):
@@ -296,3 +306,68 @@ def test_every_baseline_exports_to_torch_with_the_adapted_logits(config, tmp_pat
     assert np.abs(logits - np.asarray(model(**inputs).logits)).max() > 1e-2 * np.abs(logits).max()
     out = save_merged_torch(model, adapted.merge(params), tmp_path / "torch")
     assert_close(torch_logits(load_torch(out, "roberta"), "roberta", inputs), logits, rtol=1e-4)
+
+
+# --- peft LoRA folders ---------------------------------------------------------------------------
+
+
+def test_an_adapter_exports_to_peft_lora_exactly_at_full_rank_and_lossy_as_reported_below(case, tmp_path):
+    pytest.importorskip("torch", reason=TORCH_SKIP)
+    from peft import PeftModel
+
+    from cdvft_jax.peft_lora import PEFT_WEIGHTS_NAME, save_peft_lora
+
+    family, model, adapted = case.family, case.model, case.adapted
+    flat = flat_params(case.params)
+    rng = np.random.default_rng(2)
+    for path in adapted.trainable_shapes():  # a head that differs from the base's, so its export is checked
+        if not adapted.is_adapter_leaf(path):
+            flat[path] = flat[path] + jnp.asarray(0.3 * rng.standard_normal(flat[path].shape), jnp.float32)
+    params = unflat_params(flat)
+    logits = np.asarray(adapted(**case.inputs, params=params).logits)
+    base = save_merged_torch(model, model.params, tmp_path / "base")
+
+    def peft_logits(folder):
+        return torch_logits(PeftModel.from_pretrained(load_torch(base, family), folder).eval(), family, case.inputs)
+
+    full = save_peft_lora(tmp_path / "full", adapted, params, rank=1_000, base_model=str(base))
+    assert {r.rank for r in full.values()} == {32} and max(r.relative_error for r in full.values()) < 1e-6
+    assert_close(peft_logits(tmp_path / "full"), logits, rtol=1e-4)
+
+    low = save_peft_lora(tmp_path / "low", adapted, params, rank=4)
+    tensors = safetensors.numpy.load_file(tmp_path / "low" / PEFT_WEIGHTS_NAME)
+    merged = dict(flat)
+    for path, layer in adapted.layers.items():
+        leaves = {n: flat[f"{path}/{n}"] for n in layer.param_shapes}
+        update = layer.config.scaling * np.asarray(cdvft_jax.CDVFT.delta_weight(leaves, 32, 32, layer.config))
+        name = "base_model.model." + path.replace("/", ".")
+        product = tensors[f"{name}.lora_B.weight"] @ tensors[f"{name}.lora_A.weight"]  # (out, in)
+        error = np.linalg.norm(update.T - product) / np.linalg.norm(update)
+        np.testing.assert_allclose(low[path].relative_error, error, rtol=1e-3, err_msg=path)
+        assert low[path].rank == 4 and error > 0.05, path  # a CDV update is far from rank 4 of 32
+        merged[f"{path}/kernel"] = flat[f"{path}/kernel"] + jnp.asarray(product.T, jnp.float32)
+        del merged[f"{path}/cdv_a_in"], merged[f"{path}/cdv_c"], merged[f"{path}/cdv_a_out"]
+    truncated = np.asarray(model(**case.inputs, params=unflat_params(merged)).logits)
+    assert_close(peft_logits(tmp_path / "low"), truncated, rtol=1e-4)
+    assert np.abs(truncated - logits).max() > 1e-3 * np.abs(logits).max()  # the low-rank export is lossy
+
+    by_energy = save_peft_lora(tmp_path / "energy", adapted, params, energy=0.9)
+    for path, layer in adapted.layers.items():
+        leaves = {n: flat[f"{path}/{n}"] for n in layer.param_shapes}
+        values = np.linalg.svd(np.asarray(cdvft_jax.CDVFT.delta_weight(leaves, 32, 32, layer.config)))[1]
+        shares = np.cumsum(values**2) / np.sum(values**2)
+        rank = by_energy[path].rank
+        assert shares[rank - 1] >= 0.9 - 1e-9 and (rank == 1 or shares[rank - 2] < 0.9), (path, rank, shares)
+
+
+def test_peft_lora_export_refuses_bad_ranks(case, tmp_path):
+    from cdvft_jax.peft_lora import save_peft_lora
+
+    for kwargs, message in [
+        ({}, "exactly one of rank and energy"),
+        ({"rank": 4, "energy": 0.5}, "exactly one of rank and energy"),
+        ({"rank": 0}, "rank must be a positive int"),
+        ({"energy": 1.5}, r"energy must be a number in \(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            save_peft_lora(tmp_path / "x", case.adapted, case.params, **kwargs)
