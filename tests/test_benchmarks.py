@@ -124,3 +124,25 @@ def test_accuracy_part_runs_the_accuracy_suite(tmp_path, tiny_model):
     for r in records:  # an accuracy over the scored dev examples is a whole number of them
         assert r["task"] == "sst2" and r["steps"] == 2
         assert float(r["metrics"]["accuracy"] * r["scored_examples"]).is_integer(), r
+
+
+def test_many_adapters_rows_and_memory(tmp_path):
+    from benchmarks import many_adapters
+
+    argv = ["--tiny", "--counts", "1,4", "--batch", "8", "--seq-len", "8", "--repeats", "1"]
+    out = many_adapters.main([*argv, "--json", str(tmp_path / "many.json")])
+    assert json.loads((tmp_path / "many.json").read_text())["rows"] == out["rows"]
+    for method in ("cdvft", "lora"):
+        rows = [r for r in out["rows"] if r["method"] == method]
+        single = next(r for r in rows if r["way"] == "single")
+        assert sorted((r["adapters"], r["way"]) for r in rows if r["way"] != "single") == sorted(
+            (n, way) for n in (1, 4) for way in many_adapters.WAYS
+        )
+        for r in rows:
+            assert r["examples_per_second"] == pytest.approx(r["rows"] / r["seconds"], rel=1e-12)
+            assert r["ratio_to_single"] == pytest.approx(r["examples_per_second"] * single["seconds"] / 8, rel=1e-12)
+    # One more adapter at BERT-base's full shape (12 layers, query and value, d = 768, a 2-label head):
+    head = 768 * 2 + 2
+    assert out["memory"]["cdvft"] == {"adapter_bytes": 4 * 24 * 3 * 768, "with_head_bytes": 4 * (24 * 3 * 768 + head)}
+    lora = 24 * 2 * 8 * 768
+    assert out["memory"]["lora"] == {"adapter_bytes": 4 * lora, "with_head_bytes": 4 * (lora + head)}
