@@ -1,6 +1,7 @@
 """``python -m train.infer``: many adapters of one base in mixed batches, each row as its adapter alone."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +109,51 @@ def test_bad_rows_and_adapters_are_named_before_anything_runs(tmp_path, tiny_mod
     with pytest.raises(SystemExit, match=r"adapter 'b' \("):
         run([{"text": "x"}], f"a={a}", f"b={b}")
     assert not out.exists()
+
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+@pytest.mark.skipif(not GLUE.is_dir(), reason=f"the shared GLUE files are not at {GLUE}")
+def test_real_minilm_adapters_of_two_tasks_score_a_mixed_file(tmp_path):
+    """Two CDVFT adapters of the real all-MiniLM-L6-v2, trained by train.text on SST-2 and CoLA."""
+    from train import text
+
+    model_path = text.default_model_path()
+    folders = {}
+    for task, folder in (("sst2", "SST-2"), ("cola", "CoLA")):
+        out = tmp_path / task
+        text.main(
+            [
+                *("--model", model_path, "--task", task, "--data-dir", str(GLUE / folder), "--output-dir", str(out)),
+                *("--max-train-samples", "64", "--max-eval-samples", "16", "--epochs", "1", "--batch-size", "16"),
+                *("--max-length", "32", "--learning-rate", "2e-2"),
+            ]
+        )
+        folders[task] = out / "adapter"
+    sentences = ["a gripping, beautiful film", "the him saw she", "dull and far too long", "John likes Mary."]
+    rows = [{"adapter": task, "text": s} for s in sentences for task in ("sst2", "cola", None)]
+    write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "predictions.jsonl"
+    infer.main(
+        [
+            *("--model", model_path, "--adapters", *(f"{t}={f}" for t, f in folders.items()), "--num-labels", "2"),
+            *("--input", str(tmp_path / "rows.jsonl"), "--output", str(out), "--batch-size", "8", "--max-length", "32"),
+        ]
+    )
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    model = FlaxBertForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    loaded = {task: cdvft_jax.load_adapter(folder, model) for task, folder in folders.items()}
+    head = {p: v for p, v in flat_params(loaded["sst2"][1]).items() if not loaded["sst2"][0].is_adapter_leaf(p)}
+    base_params = unflat_params({**flat_params(model.params), **head})
+    for row, record in zip(rows, written, strict=True):
+        inputs = {k: jnp.asarray(v) for k, v in tokenizer(row["text"], return_tensors="np").items()}
+        task = row["adapter"]
+        if task is None:
+            logits = model(**inputs, params=base_params).logits
+        else:
+            logits = loaded[task][0](**inputs, params=loaded[task][1]).logits
+        np.testing.assert_allclose(record["scores"], np.asarray(jax.nn.softmax(logits[0])), rtol=0, atol=1e-5)
+    # The two tasks' adapters give different scores to the same sentence.
+    assert abs(written[0]["scores"][0] - written[1]["scores"][0]) > 1e-3
