@@ -188,7 +188,7 @@ class AdaptedModel:
 
             x_rows = x.reshape(x.shape[0], -1, layer.d_in)
             delta = jax.vmap(row_delta)(own, x_rows)
-            delta = delta * rows.active[:, None, None]  # base rows (id -1) get no delta
+            delta = jnp.where(rows.active[:, None, None], delta, 0.0)  # base rows (id -1) get no delta
             return y + (layer.config.scaling * delta.reshape(y.shape)).astype(y.dtype)
         if self.config.in_modules_to_save(path):  # a head layer: one per adapter
             rows.check_batch(x, path)
@@ -207,7 +207,7 @@ class AdaptedModel:
         """
         flat = flat_params(params)
         count = None
-        for path, shape in self.trainable_shapes().items():
+        for path, shape in self._trainable_shapes.items():
             leaf = flat.get(path)
             if leaf is None:
                 raise ValueError(f"params lack the trainable leaf {path!r}; stack adapters with stack_adapters")
@@ -218,7 +218,7 @@ class AdaptedModel:
                     f"{tuple(leaf.shape)}, expected {expected}"
                 )
             count = leaf.shape[0]
-        for path in self.trainable_shapes():
+        for path in self._trainable_shapes:
             module = path.rpartition("/")[0]
             if not self.is_adapter_leaf(path) and module not in self.dense_layers:
                 raise ValueError(
@@ -240,7 +240,7 @@ class AdaptedModel:
                 raise ValueError(f"adapter_ids must lie in [-1, {count}) (-1: the base model), got {low}..{high}")
         # -1 reads adapter 0 (its head; the delta is masked out); any other id outside [0, N) reads NaN.
         index = jnp.where(ids == -1, 0, jnp.where(ids < 0, count, ids))
-        return AdapterRows(index, (ids != -1).astype(jnp.float32), count)
+        return AdapterRows(index, ids != -1, count)
 
     @contextlib.contextmanager
     def intercept(self, rows: AdapterRows | None = None) -> Iterator[None]:
@@ -257,7 +257,8 @@ class AdaptedModel:
     def __call__(self, *args: Any, params: Params, adapter_ids: Any = None, **kwargs: Any) -> Any:
         """Runs the adapted model: ``apply_fn(*args, params=params, **kwargs)`` under interception.
 
-        With ``adapter_ids`` (one int per batch row), ``params`` holds N stacked adapters
+        With ``adapter_ids`` (one int per batch row; every layer must see the batch on axis 0, as
+        Hugging Face models do), ``params`` holds N stacked adapters
         (:func:`~cdvft_jax.stack_adapters` merged with the frozen tree) and row ``b`` runs adapter
         ``adapter_ids[b]`` with its head; ``-1`` runs the base model with adapter 0's head.  Each row
         gathers its own adapter leaves, so the work per row does not grow with N.
@@ -269,6 +270,10 @@ class AdaptedModel:
     def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
         """``{param path: shape}`` of every trainable leaf: the adapter leaves (but a method's frozen
         ones) and the base leaves inside ``modules_to_save``; what an adapter file stores."""
+        return dict(self._trainable_shapes)
+
+    @functools.cached_property
+    def _trainable_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {
             f"{path}/{name}": tuple(shape)
             for path, layer in self.layers.items()
@@ -412,7 +417,7 @@ class AdapterRows(NamedTuple):
     Attributes:
       index: ``(batch,)`` the adapter read per row (adapter 0 for a base row; ``count`` for an id out of
         range, which reads NaN).
-      active: ``(batch,)`` float32, 0 for base rows (their delta is dropped), else 1.
+      active: ``(batch,)`` bool, False for base rows (their delta is dropped, whatever its value).
       count: N, the number of stacked adapters.
     """
 
@@ -434,7 +439,15 @@ class AdapterRows(NamedTuple):
 
 
 def _per_row_dense(module: nn.Dense, x: jax.Array, rows: AdapterRows) -> jax.Array:
-    """``module``'s output with row ``b`` using the kernel and bias of stacked adapter ``rows.index[b]``."""
+    """``module``'s output with row ``b`` using the kernel and bias of stacked adapter ``rows.index[b]``.
+
+    It computes ``x @ kernel + bias`` itself (``nn.Dense``'s promotion and precision), so a Dense with a
+    custom ``dot_general`` is refused rather than silently run with the standard one.
+    """
+    if getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None:
+        raise ValueError(
+            f"head layer {'/'.join(module.path)!r} has a custom dot_general, which stacked heads cannot reproduce"
+        )
     kernel = rows.gather(module.get_variable("params", "kernel"))
     bias = rows.gather(module.get_variable("params", "bias")) if module.use_bias else None
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)

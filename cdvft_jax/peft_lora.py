@@ -112,11 +112,22 @@ def save_peft_lora(
       ``{module path: LayerExport}`` for every adapted layer.
 
     Raises:
-      ValueError: not exactly one of ``rank`` and ``energy``, or bad values.
+      ValueError: not exactly one of ``rank`` and ``energy``, bad values, ``params`` lacking a trainable
+        leaf, or ``directory`` holding an adapter config that is not peft's (a cdvft_jax adapter).
       NonFiniteError: a trainable leaf holds a NaN or an infinity (nothing is written).
     """
+    directory = Path(directory)
+    existing = directory / PEFT_CONFIG_NAME
+    if existing.is_file() and "peft_type" not in _json_or_empty(existing):
+        raise ValueError(
+            f"{directory} holds an adapter_config.json that is not peft's (a cdvft_jax adapter, say); "
+            "the export would overwrite it: choose another folder"
+        )
     flat = flat_params(params)
-    trainable = {path: flat[path] for path in adapted.trainable_shapes() if path in flat}
+    missing = sorted(set(adapted.trainable_shapes()) - set(flat))
+    if missing:
+        raise ValueError(f"params lack {len(missing)} trainable leaves, e.g. {missing[:3]}")
+    trainable = {path: flat[path] for path in adapted.trainable_shapes()}
     check_finite(trainable, "the adapter to export")
     tensors: dict[str, np.ndarray] = {}
     report: dict[str, LayerExport] = {}
@@ -144,7 +155,8 @@ def save_peft_lora(
         "rank_pattern": patterns,
         "alpha_pattern": patterns,  # alpha = r: peft's scaling alpha / r is 1, the update is B A itself
         "target_modules": sorted(ranks),
-        "modules_to_save": list(adapted.config.modules_to_save),
+        # The modules whose weights are stored in full, by their PyTorch names.
+        "modules_to_save": sorted({torch_module_name(p.rpartition("/")[0]) for p in flat_params(head)}),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -152,7 +164,6 @@ def save_peft_lora(
         "use_dora": False,
         "init_lora_weights": True,
     }
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The config goes first and comes back last, so a save cut short never pairs new weights with it.
     (directory / PEFT_CONFIG_NAME).unlink(missing_ok=True)
@@ -163,3 +174,11 @@ def save_peft_lora(
     config.with_name(config.name + ".tmp").write_text(json.dumps(document, indent=2) + "\n")
     config.with_name(config.name + ".tmp").replace(config)
     return report
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return document if isinstance(document, dict) else {}

@@ -358,10 +358,20 @@ def test_an_adapter_exports_to_peft_lora_exactly_at_full_rank_and_lossy_as_repor
         shares = np.cumsum(values**2) / np.sum(values**2)
         rank = by_energy[path].rank
         assert shares[rank - 1] >= 0.9 - 1e-9 and (rank == 1 or shares[rank - 2] < 0.9), (path, rank, shares)
+    assert len({r.rank for r in by_energy.values()}) > 1  # ranks differ per layer: peft's rank_pattern is used
+    energy_logits = peft_logits(tmp_path / "energy")  # loads only if every layer's rank is read right
+    assert np.abs(energy_logits - logits).max() < np.abs(truncated - logits).max()  # rank >= 4 at 90% here
 
 
-def test_peft_lora_export_refuses_bad_ranks(case, tmp_path):
+def test_peft_lora_export_refuses_bad_ranks_and_a_cdvft_adapter_folder(case, tmp_path):
     from cdvft_jax.peft_lora import save_peft_lora
+
+    folder = save_adapter(tmp_path / "adapter", case.adapted, case.params)
+    with pytest.raises(ValueError, match=r"not peft's .* the export would overwrite it"):
+        save_peft_lora(folder, case.adapted, case.params, rank=4)
+    _, reloaded = cdvft_jax.load_adapter(folder, case.model)  # untouched: it still loads, with the same leaves
+    for path, leaf in flat_params(case.adapted.split(case.params)[0]).items():
+        np.testing.assert_array_equal(flat_params(reloaded)[path], leaf, err_msg=path)
 
     for kwargs, message in [
         ({}, "exactly one of rank and energy"),

@@ -21,6 +21,8 @@ ROWS = [
     {"adapter": None, "text": "null is the base model too"},
     {"adapter": "a", "text": "the last row", "text_pair": "of a partial batch"},
     {"adapter": "b", "text": "bad acting, good music"},
+    {"adapter": "b", "text": "a fine film"},  # row 0's text under b and under the base model:
+    {"text": "a fine film"},  # a row scored by the wrong adapter would show below
 ]
 
 
@@ -78,7 +80,8 @@ def test_mixed_batches_score_each_row_with_its_adapter(tmp_path, tiny_model):
         np.testing.assert_allclose(record["scores"], expected, rtol=0, atol=1e-5, err_msg=str(row))
         assert record["label"] == int(np.argmax(expected))
     scores = np.asarray([r["scores"] for r in written])
-    assert np.abs(scores[0] - scores[5]).max() > 1e-3  # rows really differ, so a mix-up would show
+    for one, other in ((0, 7), (0, 8), (7, 8)):  # one text under a, b and the base model: three scores
+        assert np.abs(scores[one] - scores[other]).max() > 1e-3, (one, other)
 
 
 def test_bad_rows_and_adapters_are_named_before_anything_runs(tmp_path, tiny_model):
@@ -157,3 +160,45 @@ def test_real_minilm_adapters_of_two_tasks_score_a_mixed_file(tmp_path):
         np.testing.assert_allclose(record["scores"], np.asarray(jax.nn.softmax(logits[0])), rtol=0, atol=1e-5)
     # The two tasks' adapters give different scores to the same sentence.
     assert abs(written[0]["scores"][0] - written[1]["scores"][0]) > 1e-3
+
+
+def test_an_image_model_scores_image_files_relative_to_the_input(tmp_path):
+    from PIL import Image
+    from transformers import FlaxViTForImageClassification, ViTConfig
+
+    from train.image import center_crop, normalisation, to_pixels
+
+    base = tmp_path / "vit"
+    config = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    FlaxViTForImageClassification(config, seed=0).save_pretrained(base)
+    model = FlaxViTForImageClassification.from_pretrained(base, num_labels=3, ignore_mismatched_sizes=True)
+    adapted = cdvft_jax.inject(model, cdvft_jax.LoRAConfig(rank=4, modules_to_save=["classifier"]))
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
+    folders = {}
+    for seed, name in enumerate(("x", "y"), 1):
+        flat = flat_params(trainable)
+        keys = dict(zip(flat, jax.random.split(jax.random.key(seed), len(flat)), strict=True))
+        moved = unflat_params({p: v + 0.3 * jax.random.normal(keys[p], v.shape) for p, v in flat.items()})
+        folders[name] = cdvft_jax.save_adapter(tmp_path / name, adapted, merge_params(moved, frozen))
+    (tmp_path / "data" / "pics").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / "pics" / f"{i}.png")
+    rows = [{"adapter": a, "image": f"pics/{i}.png"} for i in range(3) for a in ("x", "y")]
+    write_rows(tmp_path / "data" / "rows.jsonl", rows)
+    out = tmp_path / "predictions.jsonl"
+    argv = ["--model", str(base), "--adapters", *(f"{n}={f}" for n, f in folders.items()), "--num-labels", "3"]
+    infer.main([*argv, "--input", str(tmp_path / "data" / "rows.jsonl"), "--output", str(out), "--batch-size", "4"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    statistics = normalisation(str(base))
+    for row, record in zip(rows, written, strict=True):
+        picture = center_crop(Image.open(tmp_path / "data" / row["image"]).convert("RGB"), 16)
+        adapter_model, params = cdvft_jax.load_adapter(folders[row["adapter"]], model)
+        logits = adapter_model(pixel_values=jnp.asarray(to_pixels([picture], *statistics)), params=params).logits
+        np.testing.assert_allclose(record["scores"], np.asarray(jax.nn.softmax(logits[0])), rtol=0, atol=1e-5)
+    assert np.abs(np.subtract(written[0]["scores"], written[1]["scores"])).max() > 1e-3  # x and y differ
+    write_rows(tmp_path / "data" / "rows.jsonl", [{"adapter": "x", "image": "pics/missing.png"}])
+    with pytest.raises(SystemExit, match=r"rows\.jsonl:1: image .*pics/missing\.png is not a file"):
+        infer.main([*argv, "--input", str(tmp_path / "data" / "rows.jsonl"), "--output", str(out)])

@@ -12,6 +12,7 @@ Each input row is a JSON object: ``"adapter"`` names the adapter that scores it 
 example is ``"text"`` (with an optional ``"text_pair"``) for a text model or ``"image"`` (a file path) for
 an image model.  Each output row (same order) holds ``"row"``, ``"adapter"`` and, for a classifier, the
 ``"label"`` index with the softmax ``"scores"``, or the ``"score"`` of a one-output (regression) head.
+Image paths are relative to the input file's folder.
 
 Every adapter is loaded and checked (:func:`cdvft_jax.load_adapter`) and every row read before anything
 runs; adapters that differ in method, targets, sizes or head are refused (:func:`cdvft_jax.adapter_difference`)
@@ -108,6 +109,11 @@ def read_rows(path: Path, names: Sequence[str], image_model: bool) -> list[dict[
             raise SystemExit(f"{path}:{number}: {kind} model needs a string {field!r}")
         if "text_pair" in row and not isinstance(row["text_pair"], str):
             raise SystemExit(f"{path}:{number}: 'text_pair' must be a string")
+        if image_model:  # relative to the input file's folder, and there before anything runs
+            image = path.parent / row["image"]
+            if not image.is_file():
+                raise SystemExit(f"{path}:{number}: image {image} is not a file")
+            row = {**row, "image": str(image)}
         rows.append(row)
     if not rows:
         raise SystemExit(f"--input {path} holds no rows")
@@ -139,18 +145,20 @@ def load_stack(config: InferConfig) -> tuple[Any, cdvft_jax.AdaptedModel, dict, 
     return model, adapted, cdvft_jax.merge_params(cdvft_jax.stack_adapters(adapted, trainables), frozen), list(named)
 
 
-def batch_inputs(model: Any, rows: Sequence[dict], config: InferConfig, tokenizer: Any = None) -> dict[str, Any]:
+def batch_inputs(
+    model: Any, rows: Sequence[dict], config: InferConfig, tokenizer: Any = None, statistics: Any = None
+) -> dict[str, Any]:
     """The model inputs of ``rows``, padded to ``config.batch_size`` rows (and ``max_length`` tokens), so
-    every batch has one shape and compiles once."""
+    every batch has one shape and compiles once; an image model needs its ``(mean, std)`` ``statistics``."""
     pad = config.batch_size - len(rows)
     if tokenizer is None:
         from PIL import Image
 
-        from train.image import center_crop, normalisation, to_pixels
+        from train.image import center_crop, to_pixels
 
         size = model.config.image_size
         crops = [center_crop(Image.open(row["image"]).convert("RGB"), size) for row in rows]
-        pixels = to_pixels(crops, *normalisation(config.model))
+        pixels = to_pixels(crops, *statistics)
         return {"pixel_values": np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), np.float32)])}
     encoded = [
         tokenizer(
@@ -182,8 +190,12 @@ def run(config: InferConfig) -> int:
     model, adapted, params, names = load_stack(config)
     image_model = model.main_input_name == "pixel_values"
     rows = read_rows(config.input, names, image_model)
-    tokenizer = None
-    if not image_model:
+    tokenizer = statistics = None
+    if image_model:
+        from train.image import normalisation
+
+        statistics = normalisation(config.model)
+    else:
         from transformers import AutoTokenizer
 
         from train.text import check_model_fits
@@ -198,15 +210,19 @@ def run(config: InferConfig) -> int:
 
     config.output.parent.mkdir(parents=True, exist_ok=True)
     temporary = config.output.with_name(config.output.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as out:
-        for start in tqdm(range(0, len(rows), config.batch_size), desc="batches", unit="batch"):
-            chunk = rows[start : start + config.batch_size]
-            ids = [index.get(row.get("adapter"), -1) for row in chunk]
-            ids += [-1] * (config.batch_size - len(chunk))
-            logits = np.asarray(forward(params, batch_inputs(model, chunk, config, tokenizer), jnp.asarray(ids)))
-            for offset, (row, record) in enumerate(zip(chunk, predictions(logits[: len(chunk)]), strict=True)):
-                out.write(json.dumps({"row": start + offset, "adapter": row.get("adapter"), **record}) + "\n")
-    temporary.replace(config.output)  # a run cut short leaves no partial predictions file
+    try:  # a run cut short leaves no predictions file, partial or temporary
+        with temporary.open("w", encoding="utf-8") as out:
+            for start in tqdm(range(0, len(rows), config.batch_size), desc="batches", unit="batch"):
+                chunk = rows[start : start + config.batch_size]
+                ids = [index.get(row.get("adapter"), -1) for row in chunk]
+                ids += [-1] * (config.batch_size - len(chunk))  # padding rows: the base model, dropped below
+                inputs = batch_inputs(model, chunk, config, tokenizer, statistics)
+                logits = np.asarray(forward(params, inputs, jnp.asarray(ids)))
+                for offset, (row, record) in enumerate(zip(chunk, predictions(logits[: len(chunk)]), strict=True)):
+                    out.write(json.dumps({"row": start + offset, "adapter": row.get("adapter"), **record}) + "\n")
+        temporary.replace(config.output)
+    finally:
+        temporary.unlink(missing_ok=True)
     return len(rows)
 
 
