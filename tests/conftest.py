@@ -9,6 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,6 +67,16 @@ def make_inputs(family: str, batch: int = 4, seed: int = 0) -> tuple[dict, jnp.n
 
 
 HEAD = {"roberta": "classifier", "bert": "classifier", "vit": "classifier"}
+
+
+def trained_like(trainable, seed: int):
+    """``trainable`` with every leaf moved by seeded noise (std 0.3), as if trained: adapters of other
+    seeds, and their heads, differ."""
+    from cdvft_jax.params import flat_params, unflat_params
+
+    flat = flat_params(trainable)
+    keys = dict(zip(flat, jax.random.split(jax.random.key(seed), len(flat)), strict=True))
+    return unflat_params({path: leaf + 0.3 * jax.random.normal(keys[path], leaf.shape) for path, leaf in flat.items()})
 
 
 def check_training_changes_only_trainable_leaves(adapted, model, family: str) -> None:

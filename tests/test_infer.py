@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import trained_like
 from transformers import AutoTokenizer, FlaxBertForSequenceClassification
 
 import cdvft_jax
@@ -32,11 +33,9 @@ def save_adapters(tmp_path, tiny_model, config, names=("a", "b")):
     trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
     folders = []
     for seed, name in enumerate(names, 1):
-        flat = flat_params(trainable)
-        keys = dict(zip(flat, jax.random.split(jax.random.key(seed), len(flat)), strict=True))
-        moved = unflat_params({p: v + 0.3 * jax.random.normal(keys[p], v.shape) for p, v in flat.items()})
         folder = tmp_path / name / "adapter"
-        cdvft_jax.save_adapter(folder, adapted, merge_params(moved, frozen), base_model=str(tiny_model))
+        params = merge_params(trained_like(trainable, seed), frozen)
+        cdvft_jax.save_adapter(folder, adapted, params, base_model=str(tiny_model))
         folders.append(folder)
     return model, folders
 
@@ -178,10 +177,8 @@ def test_an_image_model_scores_image_files_relative_to_the_input(tmp_path):
     trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
     folders = {}
     for seed, name in enumerate(("x", "y"), 1):
-        flat = flat_params(trainable)
-        keys = dict(zip(flat, jax.random.split(jax.random.key(seed), len(flat)), strict=True))
-        moved = unflat_params({p: v + 0.3 * jax.random.normal(keys[p], v.shape) for p, v in flat.items()})
-        folders[name] = cdvft_jax.save_adapter(tmp_path / name, adapted, merge_params(moved, frozen))
+        params = merge_params(trained_like(trainable, seed), frozen)
+        folders[name] = cdvft_jax.save_adapter(tmp_path / name, adapted, params)
     (tmp_path / "data" / "pics").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(3):

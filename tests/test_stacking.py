@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HEAD, make_inputs, make_model
+from conftest import HEAD, make_inputs, make_model, trained_like
 
 import cdvft_jax
 from cdvft_jax.params import flat_params, merge_params, unflat_params
@@ -18,18 +18,6 @@ CONFIGS = {
     "c3a": lambda **kw: cdvft_jax.C3AConfig(block_size=8, alpha=20.0, **kw),
 }
 IDS = [2, -1, 0, 1, 2]
-
-
-def trained_like(trainable, seed):
-    """``trainable`` with every leaf moved by seeded noise, as if trained: each adapter and head differ."""
-    flat = flat_params(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-    return unflat_params(
-        {
-            path: leaf + 0.3 * jax.random.normal(k, leaf.shape)
-            for k, (path, leaf) in zip(keys, flat.items(), strict=True)
-        }
-    )
 
 
 def setup(family, method, count=3):
