@@ -146,3 +146,26 @@ def test_many_adapters_rows_and_memory(tmp_path):
     assert out["memory"]["cdvft"] == {"adapter_bytes": 4 * 24 * 3 * 768, "with_head_bytes": 4 * (24 * 3 * 768 + head)}
     lora = 24 * 2 * 8 * 768
     assert out["memory"]["lora"] == {"adapter_bytes": 4 * lora, "with_head_bytes": 4 * (lora + head)}
+
+
+def test_lowrank_export_errors_fall_with_the_rank_to_zero_at_full_rank(tmp_path):
+    import jax
+    from conftest import make_model, trained_like
+
+    import cdvft_jax
+    from benchmarks import lowrank_export
+
+    base = tmp_path / "base"
+    make_model("bert").save_pretrained(base)
+    model = make_model("bert")
+    adapted = cdvft_jax.inject(model, cdvft_jax.CDVFTConfig(modules_to_save=["classifier"]))
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
+    params = cdvft_jax.merge_params(trained_like(trainable, 1), frozen)
+    folder = cdvft_jax.save_adapter(tmp_path / "adapter", adapted, params, base_model=str(base))
+    out = lowrank_export.main(["--adapter", str(folder), "--num-labels", "3", "--ranks", "2,8,32"])
+    assert len(out["layers"]) == 4  # 2 layers x query, value
+    for layer in out["layers"].values():
+        assert layer["full_rank"] == 32 and layer["numerical_rank"] == 32  # a random CDV update: full rank
+        assert 1 > layer["error_at_rank_2"] > layer["error_at_rank_8"] > layer["error_at_rank_32"]
+        assert layer["error_at_rank_32"] < 1e-6
+        assert layer["rank_for_energy_0.9"] < layer["rank_for_energy_0.99"] <= 32
