@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cdvft_jax
-from benchmarks.common import SEED, host_info, log
+from benchmarks.common import SEED, adapter_config, host_info, log
 from cdvft_jax.params import Params, flat_params, merge_params, unflat_params
 from train.cli import ConfigError, Ints, Names, check_count, check_distinct, check_names, parse
 
@@ -86,13 +86,6 @@ def model_config(config: ManyConfig, layers: int | None = None) -> Any:
     return BertConfig(num_labels=2, num_hidden_layers=layers or config.layers, **(tiny if config.tiny else {}))
 
 
-def adapter_config(method: str) -> cdvft_jax.AdapterConfig:
-    spec = cdvft_jax.method_spec(method)
-    return spec.config_class(
-        target_modules=("query", "value"), modules_to_save=["classifier"], **spec.paper_settings["roberta-base"]
-    )
-
-
 def adapters_like(trainable: Params, count: int) -> list[Params]:
     """``count`` distinct adapters: ``trainable`` moved by seeded noise (as if each were trained)."""
     flat = flat_params(trainable)
@@ -112,7 +105,7 @@ def bytes_per_adapter(method: str) -> dict[str, int]:
     from transformers import FlaxBertForSequenceClassification
 
     model = FlaxBertForSequenceClassification(model_config(ManyConfig(layers=12)), seed=SEED, _do_init=False)
-    adapted = cdvft_jax.inject(model, adapter_config(method))
+    adapted = cdvft_jax.inject(model, adapter_config(method, "roberta-base"))
     shapes = adapted.trainable_shapes()
     adapter = sum(int(np.prod(s)) for p, s in shapes.items() if adapted.is_adapter_leaf(p))
     total = sum(int(np.prod(s)) for s in shapes.values())
@@ -137,7 +130,7 @@ def method_rows(method: str, config: ManyConfig) -> list[dict[str, Any]]:
     from transformers import FlaxBertForSequenceClassification
 
     model = FlaxBertForSequenceClassification(model_config(config), seed=SEED)
-    adapted = cdvft_jax.inject(model, adapter_config(method))
+    adapted = cdvft_jax.inject(model, adapter_config(method, "roberta-base"))
     trainable, frozen = adapted.split(adapted.init(jax.random.key(SEED), model.params))
     adapters = adapters_like(trainable, max(config.counts))
     rng = np.random.default_rng(SEED)
