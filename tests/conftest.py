@@ -267,3 +267,50 @@ def pytest_sessionfinish(session, exitstatus):
     if _SKIPPED and session.exitstatus == 0:
         print(f"\nFAILED: {len(_SKIPPED)} test(s) skipped; every test must run:", *_SKIPPED, sep="\n  ")
         session.exitstatus = 1
+
+
+def tiny_tokenizer(vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained offline on 2,000 tweets, with ``<eos>`` and ``<pad>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from train.data import read_tweets_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator((e.text_a for e in read_tweets_corpus()[:2000]), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+
+
+LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama causal LM (hidden 32, 2 layers, 4 heads, 2 key-value heads) with
+    :func:`tiny_tokenizer`, saved as a local folder."""
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **LLAMA
+    )
+    FlaxLlamaForCausalLM(config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

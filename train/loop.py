@@ -1,10 +1,11 @@
-"""The fine-tuning loop shared by ``train.text`` and ``train.image``.
+"""The fine-tuning loop shared by ``train.text``, ``train.image`` and ``train.lm``.
 
 A method (every adapter method of the registry: ``cdvft`` and the baselines; or ``head``, ``full``) decides which
 parameters train and with which optimizer; :func:`train_and_evaluate` runs the paper's protocol on top of
 the library: AdamW with a linear schedule and 6% warm-up, dev evaluation before training and after every
 epoch, the best epoch reported.  Data comes in as :class:`Batch` iterators, so the loop knows nothing about
-text or images.
+text or images; what is minimised and evaluated is an :class:`~train.methods.Objective` (classification by
+default; a causal language model's masked next-token loss and generations for ``train.lm``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -46,11 +47,15 @@ from train.methods import (
     METHODS,
     Batch,
     MethodSetup,
+    Objective,
     build_method,
+    classification_objective,
     default_learning_rate,
     schedule,
 )
 from train.runtime import make_runtime
+
+Item = TypeVar("Item")
 
 
 def size_helps() -> dict[str, str]:
@@ -181,7 +186,10 @@ class RunConfig(TrainSettings):
 
 
 # What a run leaves in its output folder; a fresh run refuses a folder that holds any of them.
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter", "tensorboard")
+RUN_FILES = (
+    *("run.json", "metrics.jsonl", "results.json", "checkpoints", "adapter", "tensorboard"),
+    *("generations", "merged"),  # train.lm's generations per evaluation and merged export
+)
 # Config fields that do not change what a run computes: where it writes, how it restarts, on which devices
 # (restoring onto another mesh is a feature); and the paths of the data, which may move: the data itself
 # is fingerprinted by content.
@@ -189,6 +197,21 @@ RUN_ONLY_FIELDS = frozenset(
     {"output_dir", "resume", "overwrite", "checkpoint_every", "mesh", "coordinator", "num_processes", "process_id"}
     | {"data_dir", "train_file", "eval_file", "image_dir", "eval_dir"}
 )
+
+
+def fixed_subset(items: Sequence[Item], limit: int | None, seed: int) -> list[Item]:
+    """A fixed random subset of ``limit`` of ``items`` (all when ``limit`` is ``None`` or not smaller), in
+    their order; the same ``seed`` picks the same subset.
+
+    >>> fixed_subset("abcdef", 3, seed=0) == fixed_subset("abcdef", 3, seed=0)
+    True
+    >>> fixed_subset("abc", None, seed=0)
+    ['a', 'b', 'c']
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:limit])
+    return [items[i] for i in keep]
 
 
 def digest(*parts: Any) -> str:
@@ -433,8 +456,11 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
         raise SystemExit(f"--method {name}: {e}") from e
 
 
-def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: int) -> MethodSetup:
-    """:func:`~train.methods.build_method` for method ``name`` with ``settings``' rates, schedule and sizes."""
+def setup_method(
+    name: str, model: Any, settings: TrainSettings, total_steps: int, frozen_dtype: Any = None
+) -> MethodSetup:
+    """:func:`~train.methods.build_method` for method ``name`` with ``settings``' rates, schedule and sizes
+    (``frozen_dtype``: the dtype the frozen base weights are stored in, ``None`` as loaded)."""
     peak = default_learning_rate(name) if settings.learning_rate is None else settings.learning_rate
     return build_method(
         name,
@@ -445,26 +471,68 @@ def setup_method(name: str, model: Any, settings: TrainSettings, total_steps: in
         head_learning_rate=schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio),
         weight_decay=settings.weight_decay,
         seed=settings.seed,
+        frozen_dtype=frozen_dtype,
     )
 
 
+class Generation(NamedTuple):
+    """The generating part of an evaluation (the objective's ``generate`` on its own batches).
+
+    Attributes:
+      batches: ``batches()`` yields the batches to generate for (rows of weight 0 are dropped).
+      metrics: ``metrics(outputs) -> {name: value}`` from what ``generate`` returned for those rows, in order.
+    """
+
+    batches: Callable[[], Iterator[Batch]]
+    metrics: Callable[[Any], dict[str, float]]
+
+
 class Evaluation(NamedTuple):
-    """How to score a model on the dev set."""
+    """How to score a model on the dev set.
+
+    Attributes:
+      batches: ``batches()`` yields the dev batches (rows of weight 0 only fill the last one).
+      labels: what ``metrics`` compares the predictions with.
+      metrics: ``metrics(predictions, labels) -> {name: value}``; ``predictions`` is what the objective's
+        ``predict`` returned for the rows of weight 1, in order (an array, or a dict of arrays).
+      metric_names: the names logged and reported (``metrics`` and ``generation`` together).
+      main_metric: the one that picks the best evaluation.
+      generation: also generate and score that (``None``: no generation).
+      greater_is_better: whether a higher ``main_metric`` is better (a loss is not).
+    """
 
     batches: Callable[[], Iterator[Batch]]
     labels: np.ndarray
-    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    metrics: Callable[[Any, np.ndarray], dict[str, float]]
     metric_names: Sequence[str]
     main_metric: str
+    generation: Generation | None = None
+    greater_is_better: bool = True
 
 
-def evaluate(eval_step, trainable, frozen, evaluation: Evaluation) -> dict[str, float]:
-    """The dev metrics of the model ``(trainable, frozen)``."""
-    predictions = []
-    for batch in evaluation.batches():
-        out = np.asarray(eval_step(trainable, frozen, batch))
-        predictions.append(out[np.asarray(batch.weights) > 0])
-    return evaluation.metrics(np.concatenate(predictions), evaluation.labels)
+def _predictions(step: Callable[..., Any], trainable: Any, frozen: Any, batches: Iterator[Batch]) -> Any:
+    """``step``'s outputs for the rows of weight 1 of every batch, concatenated (an array or a dict of them)."""
+    outputs = []
+    for batch in batches:
+        keep = np.asarray(batch.weights) > 0
+        outputs.append(jax.tree.map(lambda out, keep=keep: np.asarray(out)[keep], step(trainable, frozen, batch)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def evaluate(eval_step, trainable, frozen, evaluation: Evaluation, generate_step=None) -> dict[str, float]:
+    """The dev metrics of the model ``(trainable, frozen)``; with ``evaluation.generation``, those of
+    ``generate_step``'s outputs too.
+
+    Raises:
+      ValueError: the evaluation generates but no ``generate_step`` is given.
+    """
+    result = evaluation.metrics(_predictions(eval_step, trainable, frozen, evaluation.batches()), evaluation.labels)
+    if evaluation.generation is not None:
+        if generate_step is None:
+            raise ValueError("the evaluation generates, but the run's objective has no generate function")
+        outputs = _predictions(generate_step, trainable, frozen, evaluation.generation.batches())
+        result = {**result, **evaluation.generation.metrics(outputs)}
+    return result
 
 
 class NonFiniteTraining(SystemExit):
@@ -526,13 +594,16 @@ class TrainData(NamedTuple):
       batches: ``batches(epoch)`` yields that epoch's training batches; it must depend only on the epoch
         (and fixed seeds), so that a run is reproducible and a resumed one sees the same batches.
       evaluation: the dev set and its metrics.
-      regression: one output, squared-error loss.
+      regression: one output, squared-error loss (for the default objective).
+      objective: what is minimised and what the evaluation reads (``None``: a classifier's, or a regressor's
+        with ``regression``; :func:`~train.methods.causal_lm_objective` for language models).
     """
 
     steps_per_epoch: int
     batches: Callable[[int], Iterator[Batch]]
     evaluation: Evaluation
     regression: bool
+    objective: Objective | None = None
 
 
 class RunFiles(NamedTuple):
@@ -568,6 +639,7 @@ def train_and_evaluate(
     base_model: str | None = None,
     mesh: Mesh | None = None,
     extra_hooks: Sequence[Hook] = (),
+    frozen_dtype: Any = None,
 ) -> dict:
     """Trains ``method`` on ``model`` with evaluation before training and after every epoch.
 
@@ -589,6 +661,8 @@ def train_and_evaluate(
         come back replicated, so every process computes the same metrics (:func:`~train.runtime.make_runtime`).
       extra_hooks: more :class:`~train.hooks.Hook`\\ s, called after the built-in ones (checkpoints, the
         metrics log, progress, TensorBoard).
+      frozen_dtype: store the frozen base weights in this dtype (e.g. ``jnp.bfloat16``); trainable leaves
+        stay float32 (:func:`~train.methods.build_method`).
 
     Returns:
       The run's summary: trainable params, the dev metrics ``before`` training, at the ``best`` epoch
@@ -601,9 +675,10 @@ def train_and_evaluate(
     total_steps = data.steps_per_epoch * settings.epochs
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
-    setup = setup_method(method, model, settings, total_steps)
+    setup = setup_method(method, model, settings, total_steps, frozen_dtype)
     print(f"[{method}] {setup.describe}", flush=True)
-    runtime = make_runtime(setup, regression=data.regression, seed=settings.seed, mesh=mesh)
+    objective = data.objective or classification_objective(data.regression)
+    runtime = make_runtime(setup, objective=objective, seed=settings.seed, mesh=mesh)
     state, dropout_key = runtime.state, runtime.dropout_key
     evaluation = data.evaluation
 
@@ -629,7 +704,7 @@ def train_and_evaluate(
             hooks.append(TensorBoardHook(files.tensorboard_dir, evaluation.metric_names, resumed_from=resumed_from))
         hooks += extra_hooks
         if not records:
-            before = evaluate(runtime.eval_step, state.trainable, runtime.frozen, evaluation)
+            before = evaluate(runtime.eval_step, state.trainable, runtime.frozen, evaluation, runtime.generate_step)
             records = [{"method": method, "step": 0, "epoch": 0, "train_loss": None, **before}]
             _notify(hooks, "on_evaluation", records[-1])
         for hook in hooks:
@@ -643,7 +718,7 @@ def train_and_evaluate(
     cdvft_jax.check_finite(state.trainable, "the trained state")  # settled above; a last guard before saving
     if files.adapter_dir is not None and setup.adapted is not None and sharding.is_main_process():
         cdvft_jax.save_adapter(files.adapter_dir, setup.adapted, state.trainable, base_model=base_model)
-    best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric))
+    best = max(records[1:], key=lambda r: _score(r, evaluation.main_metric, evaluation.greater_is_better))
     return {
         "method": method,
         "trainable_params": cdvft_jax.count_params(state.trainable),
@@ -695,7 +770,7 @@ def _fit(
         if any(r["epoch"] == epoch for r in records):
             continue  # evaluated before the restart
         train_loss = losses.mean()  # first: it stops a non-finite run before an evaluation is logged
-        result = evaluate(runtime.eval_step, state.trainable, runtime.frozen, data.evaluation)
+        result = evaluate(runtime.eval_step, state.trainable, runtime.frozen, data.evaluation, runtime.generate_step)
         records.append({"method": method, "step": step, "epoch": epoch, "train_loss": train_loss, **result})
         _notify(hooks, "on_evaluation", records[-1])
     _notify(hooks, "on_finish", StepEvent(step, total_steps, state, dropout_key, losses, position, examples))
@@ -725,9 +800,11 @@ def _notify(hooks: Sequence[Hook], event: str, argument: Any) -> None:
         getattr(hook, event)(argument)
 
 
-def _score(record: dict, metric: str) -> float:
+def _score(record: dict, metric: str, greater_is_better: bool = True) -> float:
     value = record[metric]
-    return -math.inf if value is None or math.isnan(value) else value
+    if value is None or math.isnan(value):
+        return -math.inf
+    return value if greater_is_better else -value
 
 
 def _logged_records(path: Path, method: str, step: int) -> list[dict]:

@@ -36,6 +36,7 @@ from train.loop import (
     TrainData,
     TrainSettings,
     digest,
+    fixed_subset,
     mesh_from_flag,
     model_digest,
     parse_config,
@@ -173,14 +174,11 @@ def load_data(config: TextConfig) -> tuple[list[Example], list[Example], TaskSpe
         else:
             train = read_glue_split(config.data_dir, spec, "train")
             dev = read_glue_split(config.data_dir, spec, "dev")
-    return _subset(train, config.max_train_samples, config.seed), _subset(dev, config.max_eval_samples, 0), spec
-
-
-def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    if limit is None or limit >= len(examples):
-        return examples
-    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
-    return [examples[i] for i in keep]
+    return (
+        fixed_subset(train, config.max_train_samples, config.seed),
+        fixed_subset(dev, config.max_eval_samples, 0),
+        spec,
+    )
 
 
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int, regression: bool) -> Encoded:
