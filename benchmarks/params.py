@@ -1,4 +1,5 @@
-"""Trainable-parameter counts of every method on RoBERTa-base and ViT-base, without allocating them.
+"""Trainable-parameter counts of every method on RoBERTa-base and ViT-base, and of CDVFT and LoRA on every
+linear layer of Llama-2-7B, without allocating them.
 
 The base params come from ``jax.eval_shape`` of the model's ``init_weights`` and
 the adapters from ``jax.eval_shape`` of :meth:`cdvft_jax.AdaptedModel.init`, so
@@ -8,6 +9,10 @@ is the sum over adapted layers of the method's own ``num_params`` formula and mu
 equal the counted ``adapter_params``.  ``adapter_ratio_to_cdvft`` is a method's
 adapter-only count over CDVFT's on the same model: LoRA r=8 on RoBERTa-base gives
 294,912 / 55,296 = 5.33 and LoRA r=16 on ViT-base 589,824 / 55,296 = 10.67.
+
+:func:`llama_param_rows` counts ``target_modules="all-linear"`` (q, k, v, o, gate, up, down of every layer)
+on Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 layers), with CDVFT's default block size
+(one block for the square attention layers, ``gcd = 256`` for the MLP's ``4096 <-> 11008``).
 """
 
 from __future__ import annotations
@@ -82,6 +87,65 @@ def param_rows(
         adapter = row["adapter_params"]
         row["adapter_ratio_to_cdvft"] = adapter / cdvft if cdvft and adapter else None
     return rows
+
+
+LLAMA_2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+"""Llama-2-7B's shapes (its Hugging Face config)."""
+
+LLAMA_METHODS = (("cdvft", {}), ("lora", {"rank": 8, "alpha": 8.0}), ("lora", {"rank": 16, "alpha": 16.0}))
+
+
+def llama_param_rows(config: dict[str, Any] = LLAMA_2_7B) -> list[dict[str, Any]]:
+    """CDVFT and LoRA r=8 / r=16 with ``target_modules="all-linear"`` on a Llama config, counted on abstract
+    shapes; one row per method with the adapted layers and the ratio of LoRA's count to CDVFT's."""
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    model = FlaxLlamaForCausalLM(LlamaConfig(**config), _do_init=False)
+    base = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(SEED), model.input_shape))
+    rows = []
+    for method, settings in LLAMA_METHODS:
+        config_class = cdvft_jax.method_spec(method).config_class
+        adapted = cdvft_jax.inject(model, config_class(target_modules=cdvft_jax.ALL_LINEAR, **settings))
+        shapes = jax.eval_shape(adapted.init_adapter, jax.random.key(SEED))
+        label = method + (f" r={settings['rank']}" if "rank" in settings else "")
+        rows.append(
+            {
+                "model": "llama-2-7b",
+                "method": label,
+                "adapter_params": cdvft_jax.count_params(shapes),
+                "analytic_adapter_params": analytic_adapter_params(adapted),
+                "adapted_layers": len(adapted.layers),
+                "base_params": cdvft_jax.count_params(base),
+            }
+        )
+    for row in rows:
+        row["adapter_ratio_to_cdvft"] = row["adapter_params"] / rows[0]["adapter_params"]
+    return rows
+
+
+def llama_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The Llama-2-7B all-linear table."""
+    lines = [
+        "Adapter parameters, every linear layer of Llama-2-7B (counted on abstract shapes)",
+        "",
+        "| method | adapted layers | adapter params | % of the base | / CDVFT |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = 100 * r["adapter_params"] / r["base_params"]
+        lines.append(
+            f"| {r['method']} | {r['adapted_layers']} | {r['adapter_params']:,} | {share:.3f}% "
+            f"| {r['adapter_ratio_to_cdvft']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:

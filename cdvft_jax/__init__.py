@@ -52,16 +52,17 @@ from cdvft_jax.cdv import (
     valid_block_sizes,
 )
 from cdvft_jax.checkpoint import CheckpointWriteError, CorruptCheckpointError, TrainingCheckpointer
-from cdvft_jax.config import AdapterConfig, config_from_dict, config_from_json
+from cdvft_jax.config import ALL_LINEAR, AdapterConfig, config_from_dict, config_from_json
 from cdvft_jax.injection import (
     AdaptedLayer,
     AdaptedModel,
     AdapterRows,
-    DenseLayer,
+    LinearLayer,
     TrainableSummary,
-    find_dense_layers,
+    find_linear_layers,
     inject,
 )
+from cdvft_jax.layer_types import LINEAR_KINDS, LinearKind
 from cdvft_jax.layers import CDVDense
 from cdvft_jax.methods.base import AdapterMethod, MethodSpec, method_names, method_spec
 from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_params, non_finite_leaves, split_params
@@ -77,6 +78,8 @@ from cdvft_jax.training import (
 )
 
 __all__ = [
+    "ALL_LINEAR",
+    "LINEAR_KINDS",
     "C3A",
     "C3A_INIT_SCHEMES",
     "CDVFT",
@@ -99,8 +102,9 @@ __all__ = [
     "CDVShape",
     "CheckpointWriteError",
     "CorruptCheckpointError",
-    "DenseLayer",
     "FourierFTConfig",
+    "LinearKind",
+    "LinearLayer",
     "LoRAConfig",
     "MethodSpec",
     "NonFiniteError",
@@ -125,7 +129,7 @@ __all__ = [
     "config_from_dict",
     "config_from_json",
     "count_params",
-    "find_dense_layers",
+    "find_linear_layers",
     "init_train_state",
     "inject",
     "load_adapter",

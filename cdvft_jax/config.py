@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from cdvft_jax.methods.base import AdapterMethod
 
 __all__ = [
+    "ALL_LINEAR",
+    "OUTPUT_HEADS",
     "AdapterConfig",
     "ModulePatterns",
     "check_dropout",
@@ -40,6 +42,14 @@ __all__ = [
 
 ModulePatterns = str | Sequence[str]
 """A regex (full match on the module path) or a list of path suffixes."""
+
+ALL_LINEAR = "all-linear"
+"""``target_modules=ALL_LINEAR`` adapts every linear layer but the output head and ``modules_to_save``
+(peft's ``"all-linear"``)."""
+
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs")
+"""Modules :data:`ALL_LINEAR` leaves out: the output heads of Hugging Face models (a language model's
+``lm_head``, a classifier's ``classifier`` or ``score``, a question-answering ``qa_outputs``)."""
 
 # Fields that choose modules; the rest may be overridden per layer.
 _SELECTION_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "overrides")
@@ -111,8 +121,9 @@ class AdapterConfig:
     """Fields common to every adapter method.
 
     Attributes:
-      target_modules: the ``nn.Dense`` layers to adapt: a list of path
-        suffixes or a full-match regex.
+      target_modules: the linear layers to adapt: a list of path
+        suffixes, a full-match regex, or :data:`ALL_LINEAR` for every linear
+        layer outside :data:`OUTPUT_HEADS` and ``modules_to_save``.
       exclude_modules: layers never adapted even if targeted (same syntax).
       modules_to_save: modules trained in full, e.g. ``["classifier"]`` for the
         task head; a parameter is in one of them when any of its ancestor
@@ -171,9 +182,15 @@ class AdapterConfig:
                 changes.update(items)
         return dataclasses.replace(self, overrides=(), **changes) if changes else self
 
+    def selects(self, path: str) -> bool:
+        """Whether ``target_modules`` selects the layer at ``path`` (before ``exclude_modules``)."""
+        if self.target_modules == ALL_LINEAR:
+            return not (matches_within(path, OUTPUT_HEADS) or self.in_modules_to_save(path))
+        return matches(path, self.target_modules)
+
     def is_target(self, path: str) -> bool:
         """Whether the layer at ``path`` is targeted and not excluded."""
-        return matches(path, self.target_modules) and not matches(path, self.exclude_modules)
+        return self.selects(path) and not matches(path, self.exclude_modules)
 
     def in_modules_to_save(self, path: str) -> bool:
         """Whether ``path`` (a module or parameter path) lies in a module trained in full."""

@@ -1,10 +1,11 @@
 """Adapting unmodified Flax models, Hugging Face's included, with method interception.
 
 :func:`inject` runs the model once abstractly (``jax.eval_shape``, nothing is
-allocated) to find every ``nn.Dense`` layer and its shape, matches them against
+allocated) to find every linear layer (``nn.Dense``, GPT-2's ``FlaxConv1D``: the kinds of
+:data:`~cdvft_jax.layer_types.LINEAR_KINDS`) and its shape, matches them against
 the config and returns an :class:`AdaptedModel`.  Calling the adapted model runs
 the original model under :func:`flax.linen.intercept_methods`: each targeted
-``nn.Dense`` computes its usual output and adds ``scaling * delta(x)``, reading
+linear layer computes its usual output and adds ``scaling * delta(x)``, reading
 the adapter leaves from its own scope (``.../query/cdv_a_in`` beside
 ``.../query/kernel``).  The model's code is never edited, so gradient
 checkpointing (``nn.remat``) and reduced-precision compute keep working.
@@ -40,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from cdvft_jax.config import AdapterConfig, matches, matches_within
-from cdvft_jax.layer_types import AdaptedLayer, AdapterLayerMarker, DenseLayer
+from cdvft_jax.config import ALL_LINEAR, AdapterConfig, matches, matches_within
+from cdvft_jax.layer_types import AdaptedLayer, LinearLayer, linear_kind
 from cdvft_jax.merge import fold_adapters
 from cdvft_jax.params import Params, count_params, flat_params, merge_params, split_params, unflat_params
 from cdvft_jax.params import check_finite as check_finite_params
@@ -50,9 +51,9 @@ __all__ = [
     "AdaptedLayer",
     "AdaptedModel",
     "AdapterRows",
-    "DenseLayer",
+    "LinearLayer",
     "TrainableSummary",
-    "find_dense_layers",
+    "find_linear_layers",
     "inject",
 ]
 
@@ -81,36 +82,42 @@ class TrainableSummary(NamedTuple):
         )
 
 
-def _is_plain_dense(module: nn.Module) -> bool:
-    return isinstance(module, nn.Dense) and not isinstance(module, AdapterLayerMarker)
+def _is_linear_call(context: Any) -> bool:
+    return context.method_name == "__call__" and linear_kind(context.module) is not None
 
 
-def _dense_input(args: tuple, kwargs: dict) -> jax.Array:
+def _linear_input(args: tuple, kwargs: dict) -> jax.Array:
     return args[0] if args else kwargs["inputs"]
 
 
-def find_dense_layers(init_fn: Callable[[], Params]) -> tuple[dict[str, DenseLayer], dict[str, Any]]:
-    """Runs ``init_fn`` abstractly and records every ``nn.Dense`` call.
+def find_linear_layers(init_fn: Callable[[], Params]) -> tuple[dict[str, LinearLayer], dict[str, Any]]:
+    """Runs ``init_fn`` abstractly and records every call of a linear layer (see ``LINEAR_KINDS``)
+    that owns its kernel (a tied output head, which borrows the embedding, is left out).
 
     Args:
       init_fn: a zero-argument function that runs the model (typically its
         ``init``) and returns its params tree.
 
     Returns:
-      ``({path: DenseLayer}, {param path: ShapeDtypeStruct})`` in call order.
+      ``({path: LinearLayer}, {param path: ShapeDtypeStruct})`` in call order.
     """
-    found: dict[str, DenseLayer] = {}
+    found: dict[str, LinearLayer] = {}
 
     def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and _is_plain_dense(module):
+        if _is_linear_call(context):
+            module = context.module
+            kind = linear_kind(module)
             path = "/".join(module.path)
-            found.setdefault(path, DenseLayer(path, _dense_input(args, kwargs).shape[-1], module.features))
+            d_in = _linear_input(args, kwargs).shape[-1]
+            found.setdefault(path, LinearLayer(path, d_in, kind.features(module), kind.name, kind.kernel_layout))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
         shapes = jax.eval_shape(init_fn)
-    return found, flat_params(shapes)
+    flat = flat_params(shapes)
+    # A layer run with borrowed weights has no kernel of its own in the tree: a tied output head
+    # (GPT-2, Gemma) applies the token embedding through a detached Dense.
+    return {path: layer for path, layer in found.items() if f"{path}/kernel" in flat}, flat
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -124,7 +131,7 @@ class AdaptedModel:
     Attributes:
       config: the adapter config.
       apply_fn: calls the unmodified model, ``apply_fn(*args, params=..., **kwargs)``.
-      dense_layers: every ``nn.Dense`` layer in the model, by path.
+      linear_layers: every linear layer in the model, by path.
       layers: the adapted layers, by path.
       base_shapes: ``{param path: ShapeDtypeStruct}`` of the base model.
       model_class: class name of the model injected into (e.g. ``FlaxRobertaForSequenceClassification``).
@@ -132,7 +139,7 @@ class AdaptedModel:
 
     config: AdapterConfig
     apply_fn: Callable[..., Any]
-    dense_layers: Mapping[str, DenseLayer]
+    linear_layers: Mapping[str, LinearLayer]
     layers: Mapping[str, AdaptedLayer]
     base_shapes: Mapping[str, Any]
     model_class: str
@@ -144,10 +151,9 @@ class AdaptedModel:
 
     def _interceptor(self, next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not _is_plain_dense(module):
-            return next_fun(*args, **kwargs)
-        layer = self.layers.get("/".join(module.path))
-        if layer is None:
+        layer = self.layers.get("/".join(module.path)) if _is_linear_call(context) else None
+        # While a model initialises (a decoder's generation cache, say) it creates its own params, never ours.
+        if layer is None or module.is_initializing():
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         missing = [n for n in layer.param_shapes if not module.has_variable("params", n)]
@@ -160,16 +166,16 @@ class AdaptedModel:
         # Training calls of Hugging Face models carry a dropout rng; evaluation calls do not.
         wants_rng = self.method.needs_rng(layer.config) and module.scope.has_rng("dropout")
         rng = module.make_rng("dropout") if wants_rng else None
-        delta = self.method.delta(leaves, _dense_input(args, kwargs), layer.d_out, layer.config, rng)
+        delta = self.method.delta(leaves, _linear_input(args, kwargs), layer.d_out, layer.config, rng)
         return y + (layer.config.scaling * delta).astype(y.dtype)
 
     def _stacked_interceptor(self, rows: AdapterRows, next_fun, args, kwargs, context):
         # Row b of the batch runs adapter rows.index[b]: its adapter leaves and head are gathered per row.
         module = context.module
-        if context.method_name != "__call__" or not _is_plain_dense(module):
+        if not _is_linear_call(context):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        x = _dense_input(args, kwargs)
+        x = _linear_input(args, kwargs)
         if path in self.layers:
             layer = self.layers[path]
             rows.check_batch(x, path)
@@ -220,7 +226,8 @@ class AdaptedModel:
             count = leaf.shape[0]
         for path in self._trainable_shapes:
             module = path.rpartition("/")[0]
-            if not self.is_adapter_leaf(path) and module not in self.dense_layers:
+            linear = self.linear_layers.get(module)
+            if not self.is_adapter_leaf(path) and (linear is None or linear.kind != "dense"):
                 raise ValueError(
                     f"stacked adapters run per-row heads made of nn.Dense layers only; {path!r} is not a Dense "
                     "layer's (keep such modules out of modules_to_save to stack adapters)"
@@ -310,13 +317,13 @@ class AdaptedModel:
 
     def _check_base(self, base_params: Params) -> None:
         flat = flat_params(base_params)
-        for path, layer in self.layers.items():
+        for path in self.layers:
             kernel = flat.get(f"{path}/kernel")
-            if kernel is None or tuple(kernel.shape) != (layer.d_in, layer.d_out):
+            expected = self.linear_layers[path].kernel_shape
+            if kernel is None or tuple(kernel.shape) != expected:
                 got = None if kernel is None else tuple(kernel.shape)
                 raise ValueError(
-                    f"base params do not fit the injected model: {path}/kernel should have shape "
-                    f"{(layer.d_in, layer.d_out)}, got {got}"
+                    f"base params do not fit the injected model: {path}/kernel should have shape {expected}, got {got}"
                 )
         present = sorted(p for p in flat if self.is_adapter_leaf(p))
         if present:
@@ -368,20 +375,20 @@ class AdaptedModel:
         print(self.summary(params))
 
     def describe(self) -> str:
-        """A table of every ``nn.Dense`` layer: shape, whether adapted and why not."""
-        rows = [("module", "d_in x d_out", "status")]
-        for path, dense in self.dense_layers.items():
+        """A table of every linear layer: its kind, shape, whether adapted and why not."""
+        rows = [("module", "kind", "d_in x d_out", "status")]
+        for path, linear in self.linear_layers.items():
             if path in self.layers:
-                count = self.method.num_params(dense.d_in, dense.d_out, self.layers[path].config, path)
+                count = self.method.num_params(linear.d_in, linear.d_out, self.layers[path].config, path)
                 status = f"adapted ({count:,} params)"
             elif self.config.in_modules_to_save(path):
                 status = "in modules_to_save (trained in full)"
-            elif matches(path, self.config.target_modules):
+            elif self.config.selects(path):
                 status = "excluded"
             else:
                 status = "frozen"
-            rows.append((path, f"{dense.d_in} x {dense.d_out}", status))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            rows.append((path, linear.kind, f"{linear.d_in} x {linear.d_out}", status))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
     def merge(self, params: Params, *, check_finite: bool = True) -> dict:
@@ -474,7 +481,7 @@ def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs
       **sample_kwargs: sample keyword inputs (linen modules only).
 
     Raises:
-      ValueError: when a target pattern matches no ``nn.Dense`` layer, a
+      ValueError: when a target pattern matches no linear layer, a
         target lies inside ``modules_to_save``, a ``modules_to_save`` pattern
         matches no parameter, or the config does not fit a layer's shape.
     """
@@ -498,15 +505,15 @@ def inject(model: Any, config: AdapterConfig, *sample_args: Any, **sample_kwargs
     else:
         raise TypeError(f"expected a Hugging Face Flax model or a flax.linen.Module, got {type(model).__name__}")
 
-    dense_layers, base_shapes = find_dense_layers(init_fn)
-    _check_selection(config, dense_layers, base_shapes)
+    linear_layers, base_shapes = find_linear_layers(init_fn)
+    _check_selection(config, linear_layers, base_shapes)
     layers = {}
-    for path, dense in dense_layers.items():
+    for path, linear in linear_layers.items():
         if config.is_target(path):
             layer_config = config.layer_config(path)
-            shapes = layer_config.adapter_method.param_shapes(dense.d_in, dense.d_out, layer_config, path)
-            layers[path] = AdaptedLayer(path, dense.d_in, dense.d_out, layer_config, shapes)
-    return AdaptedModel(config, apply_fn, dense_layers, layers, base_shapes, type(model).__name__)
+            shapes = layer_config.adapter_method.param_shapes(linear.d_in, linear.d_out, layer_config, path)
+            layers[path] = AdaptedLayer(path, linear.d_in, linear.d_out, layer_config, shapes, linear.kernel_layout)
+    return AdaptedModel(config, apply_fn, linear_layers, layers, base_shapes, type(model).__name__)
 
 
 def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
@@ -514,16 +521,22 @@ def _one_by_one(patterns: str | tuple[str, ...]) -> list[str | tuple[str]]:
     return [patterns] if isinstance(patterns, str) else [(p,) for p in patterns]
 
 
-def _check_selection(config: AdapterConfig, dense_layers: Mapping[str, DenseLayer], base_shapes: Mapping) -> None:
-    seen = list(dense_layers)
+def _check_selection(config: AdapterConfig, linear_layers: Mapping[str, LinearLayer], base_shapes: Mapping) -> None:
+    seen = list(linear_layers)
     examples = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
-    for probe in _one_by_one(config.target_modules):
+    probes = [] if config.target_modules == ALL_LINEAR else _one_by_one(config.target_modules)
+    for probe in probes:
         if not any(matches(p, probe) for p in seen):
             entry = probe if isinstance(probe, str) else probe[0]
             raise ValueError(
-                f"target_modules entry {entry!r} matches no nn.Dense layer; the model's Dense layers are: {examples}"
+                f"target_modules entry {entry!r} matches no linear layer; the model's linear layers are: {examples}"
             )
-    matched = [p for p in seen if matches(p, config.target_modules)]
+    matched = [p for p in seen if config.selects(p)]
+    if not matched:
+        raise ValueError(
+            f"target_modules={ALL_LINEAR!r} finds no linear layer outside the output heads and modules_to_save; "
+            f"the model's linear layers are: {examples}"
+        )
     for probe in _one_by_one(config.exclude_modules):
         if not any(matches(p, probe) for p in matched):
             entry = probe if isinstance(probe, str) else probe[0]

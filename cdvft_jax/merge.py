@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
+from cdvft_jax.layer_types import flax_layout
 from cdvft_jax.params import flat_params, unflat_params
 
 if TYPE_CHECKING:
@@ -17,17 +18,17 @@ if TYPE_CHECKING:
 __all__ = ["fold_adapters"]
 
 
-@functools.partial(jax.jit, static_argnames=("method", "config", "sign"))
-def _fold(kernel: jax.Array, leaves: Mapping[str, jax.Array], method, config, sign: float) -> jax.Array:
-    d_in, d_out = kernel.shape
-    update = method.delta_weight(leaves, d_in, d_out, config) * (sign * config.scaling)
+@functools.partial(jax.jit, static_argnames=("method", "config", "sign", "layout"))
+def _fold(kernel: jax.Array, leaves: Mapping[str, jax.Array], method, config, sign: float, layout) -> jax.Array:
+    d_in, d_out = flax_layout(kernel, layout).shape
+    update = flax_layout(method.delta_weight(leaves, d_in, d_out, config) * (sign * config.scaling), layout)
     return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
 
 
 def fold_adapters(
     layers: Mapping[str, AdaptedLayer], params: Mapping[str, Any], sign: float, keep_adapter: bool
 ) -> dict:
-    """Adds ``sign * scaling * dW`` to every adapted kernel.
+    """Adds ``sign * scaling * dW`` to every adapted kernel (in the kernel's own layout).
 
     Args:
       layers: the adapted layers to fold, by module path (``AdaptedModel.layers``); each layer's
@@ -50,5 +51,6 @@ def fold_adapters(
             for name in names:
                 del flat[name]
         key = f"{path}/kernel"
-        flat[key] = _fold(flat[key], leaves, layer.config.adapter_method, layer.config, sign)
+        method = layer.config.adapter_method
+        flat[key] = _fold(flat[key], leaves, method, layer.config, sign, layer.kernel_layout)
     return unflat_params(flat)

@@ -159,7 +159,8 @@ def save_peft_lora(
         "modules_to_save": sorted({torch_module_name(p.rpartition("/")[0]) for p in flat_params(head)}),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # peft's name for GPT-2's Conv1D layers, whose weight is stored (in, out); it only changes merging.
+        "fan_in_fan_out": any(layer.kernel_layout == "out_in" for layer in adapted.layers.values()),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -207,9 +207,9 @@ def test_describe_and_summary_report_what_matched():
     model = make_model("roberta")
     adapted = adapt(model, "roberta", exclude_modules=[r"layer/1/attention/self/value"])
     table = adapted.describe()
-    assert "roberta/encoder/layer/0/attention/self/query    32 x 32       adapted (96 params)" in table
-    assert "roberta/encoder/layer/1/attention/self/value    32 x 32       excluded" in table
-    assert "classifier/out_proj                             32 x 3        in modules_to_save" in table
+    assert "roberta/encoder/layer/0/attention/self/query    dense  32 x 32       adapted (96 params)" in table
+    assert "roberta/encoder/layer/1/attention/self/value    dense  32 x 32       excluded" in table
+    assert "classifier/out_proj                             dense  32 x 3        in modules_to_save" in table
     params = adapted.init(jax.random.key(0), model.params)
     summary = adapted.summary(params)
     assert summary.adapter == 3 * 96
@@ -221,8 +221,8 @@ def test_describe_and_summary_report_what_matched():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(target_modules=["qeury", "value"]), ValueError, r"'qeury' matches no nn.Dense layer.*self/query"),
-        (dict(target_modules=r".*/nothing"), ValueError, r"matches no nn.Dense layer"),
+        (dict(target_modules=["qeury", "value"]), ValueError, r"'qeury' matches no linear layer.*self/query"),
+        (dict(target_modules=r".*/nothing"), ValueError, r"matches no linear layer"),
         (dict(target_modules=["query"], exclude_modules=["query"]), ValueError, "excluded by exclude_modules"),
         (dict(exclude_modules=["key"]), ValueError, "exclude_modules entry 'key' excludes none of the layers"),
         (dict(exclude_modules=r".*layer/9/.*"), ValueError, r"entry '\.\*layer/9/\.\*' excludes none"),
