@@ -14,7 +14,9 @@ of ones would let XLA fold the backward matmuls into reductions.)  Each
 function is compiled and run once, then timed ``repeats`` times
 (``time.perf_counter`` around the call and ``block_until_ready``); the table
 gives the median in ms, XLA's flop count of the compiled function, and the CDV
-time over the dense and LoRA times of the same ``(d, tokens, direction)``.
+time over the dense and LoRA times of the same ``(d, tokens, direction)``, and
+over the one-block CDV (``p = d``) time: what splitting the circulant into
+``(d/p)^2`` blocks costs (e.g. ``p = 256`` against ``p = d`` at ``d = 4096``).
 """
 
 from __future__ import annotations
@@ -98,30 +100,34 @@ def block_sizes(d: int, wanted: Sequence[int | None]) -> list[int]:
 def operator_rows(
     dims: Sequence[int], tokens: Sequence[int], blocks: Sequence[int | None], repeats: int
 ) -> list[dict[str, Any]]:
-    """One row per ``(d, tokens, direction, operator)``; CDV rows carry the ratios to dense and LoRA."""
+    """One row per ``(d, tokens, direction, operator)``.
+
+    CDV rows carry the ratios to dense, to LoRA and, when ``blocks`` includes
+    ``p = d``, to the one-block CDV.
+    """
     rows = []
     for d in dims:
         for t in tokens:
             ops = [("dense", None), ("lora", None)] + [("cdv", p) for p in block_sizes(d, blocks)]
             for direction in DIRECTIONS:
-                base: dict[str, float] = {}
+                group = []
                 for op, p in ops:
                     fn, args = as_direction(FUNCTIONS[op], direction, operands(op, d, t, p))
                     ms, flops = time_call(fn, args, repeats)
                     del args
                     name = op if p is None else f"cdv p={p}"
                     row = {"d": d, "tokens": t, "direction": direction, "op": name, "block_size": p}
-                    row |= {"ms": ms, "xla_flops": flops, "repeats": repeats}
-                    if op == "cdv":
-                        row["ratio_to_dense"] = ms / base["dense"]
-                        row["ratio_to_lora"] = ms / base["lora"]
-                    else:
-                        base[op] = ms
-                    rows.append(row)
-                log(
-                    f"operator d={d} tokens={t} {direction}: "
-                    + ", ".join(f"{r['op']} {r['ms']:.2f} ms" for r in rows[-len(ops) :])
-                )
+                    group.append(row | {"ms": ms, "xla_flops": flops, "repeats": repeats})
+                base = {r["op"]: r["ms"] for r in group}
+                for row in group:
+                    if row["block_size"] is not None:
+                        row["ratio_to_dense"] = row["ms"] / base["dense"]
+                        row["ratio_to_lora"] = row["ms"] / base["lora"]
+                        if f"cdv p={d}" in base:
+                            row["ratio_to_one_block"] = row["ms"] / base[f"cdv p={d}"]
+                rows += group
+                timings = ", ".join(f"{r['op']} {r['ms']:.2f} ms" for r in group)
+                log(f"operator d={d} tokens={t} {direction}: {timings}")
     return rows
 
 
@@ -133,15 +139,16 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
     repeats = rows[0]["repeats"] if rows else 0
     lines = [
-        f"Operator, float32, jitted, median of {repeats} (ms); ratios = CDV time / dense or LoRA (r={LORA_RANK}) time",
+        f"Operator, float32, jitted, median of {repeats} (ms); ratios = CDV time / dense, LoRA (r={LORA_RANK}) "
+        "or one-block CDV (p = d) time",
         "",
-        "| d | tokens | direction | operator | ms | XLA flops | CDV / dense | CDV / LoRA |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        "| d | tokens | direction | operator | ms | XLA flops | CDV / dense | CDV / LoRA | CDV / (p = d) |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['d']} | {r['tokens']:,} | {r['direction']} | {r['op']} | {r['ms']:.3f} "
             f"| {fmt(r['xla_flops'], '.3g')} | {fmt(r.get('ratio_to_dense'), '.2f')} "
-            f"| {fmt(r.get('ratio_to_lora'), '.2f')} |"
+            f"| {fmt(r.get('ratio_to_lora'), '.2f')} | {fmt(r.get('ratio_to_one_block'), '.2f')} |"
         )
     return "\n".join(lines)

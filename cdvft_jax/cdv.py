@@ -17,7 +17,10 @@ On activations (row vectors, Flax's ``x @ kernel`` convention) the delta is
 ``a_out * C(... a_in * x)``.  It is computed with 1-D real FFTs in float32
 whatever the input dtype (XLA has no low-precision FFT) and is never
 materialised; :func:`cdv_delta_weight` builds the dense ``(d_in, d_out)``
-matrix for merging into a kernel.
+matrix for merging into a kernel.  The sum over input blocks happens in the
+frequency domain, so each output block needs one inverse FFT: as an
+elementwise product-and-sum when either side has few blocks, otherwise as one
+real float32 matmul per frequency (:func:`block_circulant_apply` says why).
 """
 
 from __future__ import annotations
@@ -155,9 +158,14 @@ def cdv_flops_per_token(shape: CDVShape) -> float:
 
     Counting convention: each real FFT or inverse real FFT of length ``p``
     costs ``2.5 p log2 p``; a complex multiply-add in the frequency domain
-    costs 8 (one complex multiply = 6, accumulate = 2); each diagonal scaling
-    costs one multiply per element.  The spectra ``rfft(c)`` of the circulant
-    weights are computed once per step, not per token, and are not counted.
+    costs 8 (one complex multiply = 6, accumulate = 2), one per output block,
+    input block and frequency; each diagonal scaling costs one multiply per
+    element.  The 8 is exact for both ways :func:`block_circulant_apply` mixes
+    the blocks: the elementwise complex product-and-sum, and the real matmul
+    ``[re, im] @ [[c_re, c_im], [-c_im, c_re]]`` whose 4 real multiply-adds
+    per complex pair are the same 8 flops.  The spectra ``rfft(c)`` of the
+    circulant weights are computed once per step, not per token, and are not
+    counted.
     """
     p = shape.block_size
     freqs = p // 2 + 1
@@ -177,8 +185,31 @@ def cdv_flops_per_step(shape: CDVShape) -> float:
     return float(sum(q_out * q_in * _rfft_flops(p) for q_out, q_in, _ in shape.circulant_shapes))
 
 
+# Up to this many blocks on the smaller side, block_circulant_apply mixes blocks elementwise.
+_ELEMENTWISE_MAX_BLOCKS = 4
+
+
 def block_circulant_apply(c: jax.Array, u: jax.Array) -> jax.Array:
     """Applies the block-circulant ``C`` given by ``c`` to row vectors ``u``.
+
+    Output block ``i`` is ``irfft(sum_j rfft(c[i, j]) * rfft(u_j))``: summing
+    over input blocks in the frequency domain costs one inverse FFT per output
+    block instead of one per block pair.  The sum is done in one of two ways,
+    chosen by measured fwd+bwd time on CPU:
+
+    * at most :data:`_ELEMENTWISE_MAX_BLOCKS` blocks on the smaller side (one
+      block, the default ``gcd`` block size of a 768 x 3072 layer, ...): an
+      elementwise complex product-and-sum, which XLA fuses into one pass over
+      the spectra in the layout the FFTs use;
+    * otherwise a batched real matmul with the frequency as the batch
+      dimension, ``[u_re, u_im] @ [[c_re, c_im], [-c_im, c_re]]`` per
+      frequency.  The elementwise form re-reads the spectra once per block
+      pair, so it falls behind from 8 x 8 blocks on, and XLA runs the
+      equivalent complex einsum poorly; the stacked real form is one float32
+      GEMM of width ``2 q_in -> 2 q_out`` per frequency, paid for by a
+      transpose to and from frequency-major order.  (Real DFTs as matmuls
+      avoid the transposes, but were not consistently faster even at small
+      ``p``, so there is no third path.)
 
     Args:
       c: ``(q_out, q_in, p)`` first columns of the circulant blocks.
@@ -191,16 +222,33 @@ def block_circulant_apply(c: jax.Array, u: jax.Array) -> jax.Array:
     if u.shape[-1] != q_in * p:
         raise ValueError(f"input has {u.shape[-1]} features; the circulant expects {q_in * p}")
     lead = u.shape[:-1]
-    u_spec = jnp.fft.rfft(u.astype(jnp.float32).reshape(*lead, q_in, p), axis=-1)
+    u_spec = jnp.fft.rfft(u.astype(jnp.float32).reshape(math.prod(lead), q_in, p), axis=-1)
     c_spec = jnp.fft.rfft(c.astype(jnp.float32), axis=-1)
-    if q_in == 1 and q_out == 1:
-        y_spec = u_spec * c_spec[0]
+    if min(q_in, q_out) <= _ELEMENTWISE_MAX_BLOCKS:
+        y_spec = jnp.sum(u_spec[:, None] * c_spec, axis=2)
     else:
-        # Summing over input blocks in the frequency domain needs one inverse
-        # FFT per output block instead of one per (output, input) pair.
-        y_spec = jnp.einsum("...jf,ijf->...if", u_spec, c_spec)
+        y_spec = _mix_frequency_major(u_spec, c_spec)
     y = jnp.fft.irfft(y_spec, n=p, axis=-1)
     return y.reshape(*lead, q_out * p)
+
+
+def _mix_frequency_major(u_spec: jax.Array, c_spec: jax.Array) -> jax.Array:
+    """``y[n, i, f] = sum_j u[n, j, f] c[i, j, f]`` as one real matmul per frequency ``f``.
+
+    ``u_spec`` is ``(n, q_in, F)`` and ``c_spec`` ``(q_out, q_in, F)``, both
+    complex; the result is ``(n, q_out, F)``.  Row vectors ``[u_re, u_im]``
+    times ``[[c_re, c_im], [-c_im, c_re]]`` give ``[y_re, y_im]``; stacking
+    doubles the matmul width instead of issuing four narrow real matmuls,
+    which measured slower.  ``HIGHEST`` keeps GPUs and TPUs from rounding the
+    float32 operands to TF32 / bfloat16.
+    """
+    q_out = c_spec.shape[0]
+    u_f = u_spec.transpose(2, 0, 1)  # (F, n, q_in): the batch dimension first, as XLA's dot wants
+    u_stacked = jnp.concatenate([u_f.real, u_f.imag], axis=-1)
+    c_f = c_spec.transpose(2, 1, 0)  # (F, q_in, q_out)
+    c_stacked = jnp.block([[c_f.real, c_f.imag], [-c_f.imag, c_f.real]])  # (F, 2 q_in, 2 q_out)
+    y = jax.lax.dot_general(u_stacked, c_stacked, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST)
+    return jax.lax.complex(y[..., :q_out], y[..., q_out:]).transpose(1, 2, 0)
 
 
 def block_circulant_matrix(c: jax.Array) -> jax.Array:

@@ -104,7 +104,7 @@ def test_dense_operator_flops_are_two_t_d_d(results):
     rows = results[1]["operator"]
     cdv = [r for r in rows if r["op"].startswith("cdv")]
     assert cdv
-    for row in cdv:  # the ratios are to the dense and LoRA rows of the same size and direction
+    for row in cdv:  # the ratios are to the dense, LoRA and one-block rows of the same size and direction
         same = {
             r["op"]: r["ms"]
             for r in rows
@@ -112,6 +112,8 @@ def test_dense_operator_flops_are_two_t_d_d(results):
         }
         assert row["ratio_to_dense"] == pytest.approx(row["ms"] / same["dense"], rel=1e-12)
         assert row["ratio_to_lora"] == pytest.approx(row["ms"] / same["lora"], rel=1e-12)
+        assert row["ratio_to_one_block"] == pytest.approx(row["ms"] / same[f"cdv p={row['d']}"], rel=1e-12)
+    assert any(row["block_size"] < row["d"] for row in cdv)  # --tiny times a multi-block circulant too
 
 
 def test_accuracy_part_runs_the_accuracy_suite(tmp_path, tiny_model):

@@ -32,7 +32,8 @@ def random_factors(rng, d_in, d_out, p, num_factors):
     return diagonals, circulants
 
 
-# (d_in, d_out, block_size): square one-block, square multi-block, both non-square directions.
+# (d_in, d_out, block_size): square one-block, square multi-block, both non-square directions;
+# the last two have more than _ELEMENTWISE_MAX_BLOCKS blocks on each side (the matmul mixing).
 SHAPES = [
     (16, 16, None),
     (16, 16, 4),
@@ -41,6 +42,8 @@ SHAPES = [
     (24, 8, 4),
     (12, 18, 3),
     (18, 12, 6),
+    (40, 24, 4),
+    (24, 48, 3),
 ]
 
 
@@ -82,7 +85,7 @@ def test_three_factor_api_is_the_paper_form(d_in, d_out, p):
     )
 
 
-@pytest.mark.parametrize(("d_in", "d_out", "p"), [(16, 16, None), (8, 24, 4), (24, 8, None)])
+@pytest.mark.parametrize(("d_in", "d_out", "p"), [(16, 16, None), (8, 24, 4), (24, 8, None), (40, 24, 4), (24, 48, 3)])
 def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16(d_in, d_out, p):
     rng = np.random.default_rng(3)
     (a_in, a_out), (c,) = random_factors(rng, d_in, d_out, p, 3)
@@ -106,7 +109,10 @@ def _dense_jax_reference(x, diagonals, circulants):
     return h
 
 
-@pytest.mark.parametrize(("d_in", "d_out", "p", "num_factors"), [(16, 16, None, 3), (8, 24, 4, 3), (12, 12, 3, 5)])
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "p", "num_factors"),
+    [(16, 16, None, 3), (8, 24, 4, 3), (12, 12, 3, 5), (40, 24, 4, 3), (24, 48, 3, 3), (30, 30, 5, 5), (12, 12, 1, 3)],
+)
 def test_gradients_match_dense_reference(d_in, d_out, p, num_factors):
     rng = np.random.default_rng(11)
     diagonals, circulants = random_factors(rng, d_in, d_out, p, num_factors)
@@ -116,6 +122,7 @@ def test_gradients_match_dense_reference(d_in, d_out, p, num_factors):
     def loss(fn, x, diagonals, circulants):
         return jnp.sum(fn(x, diagonals, circulants) * cotangent)
 
+    # argnums 1, 2, 3: x (its gradient flows back to the layers below), the diagonals, the circulants.
     grads = jax.grad(loss, argnums=(1, 2, 3))(cdv.cdv_product_delta, x, diagonals, circulants)
     with jax.enable_x64(True):
         as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
@@ -205,3 +212,52 @@ def test_circulant_apply_is_circular_convolution():
     expected = [sum(c[0, 0, m] * u[(k - m) % 6] for m in range(6)) for k in range(6)]
     np.testing.assert_allclose(cdv.block_circulant_apply(jnp.asarray(c), jnp.asarray(u)), expected, rtol=1e-5)
     np.testing.assert_allclose(cdv.block_circulant_matrix(jnp.asarray(c)), scipy.linalg.circulant(c[0, 0]), rtol=1e-6)
+
+
+# (q_out, q_in, p): one block, few blocks on one side (elementwise mixing), many on both (matmul
+# mixing) with non-square, odd and tiny p, and either side of the _ELEMENTWISE_MAX_BLOCKS switch.
+APPLY_SHAPES = [(1, 1, 8), (4, 1, 6), (1, 12, 2), (3, 7, 5), (4, 4, 4), (5, 5, 4), (6, 10, 4), (16, 8, 3), (9, 6, 1)]
+
+
+def test_apply_shapes_cover_both_mixing_paths():
+    smaller = [min(q_out, q_in) for q_out, q_in, _ in APPLY_SHAPES]
+    assert min(smaller) <= cdv.cdv._ELEMENTWISE_MAX_BLOCKS < max(smaller)
+
+
+@pytest.mark.parametrize(("q_out", "q_in", "p"), APPLY_SHAPES)
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3)])
+def test_block_circulant_apply_and_gradients_match_numpy(q_out, q_in, p, lead):
+    rng = np.random.default_rng(q_out * 100 + q_in * 10 + p)
+    c = rng.standard_normal((q_out, q_in, p)).astype(np.float32)
+    u = rng.standard_normal((*lead, q_in * p)).astype(np.float32)
+    g = rng.standard_normal((*lead, q_out * p)).astype(np.float32)
+    matrix = dense_block_circulant(c.astype(np.float64))  # (q_out p, q_in p), column form
+    u64, g64 = u.astype(np.float64).reshape(-1, q_in * p), g.astype(np.float64).reshape(-1, q_out * p)
+    expected = (u64 @ matrix.T).reshape(*lead, q_out * p)
+
+    out = cdv.block_circulant_apply(jnp.asarray(c), jnp.asarray(u))
+    assert out.shape == (*lead, q_out * p) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+    # Analytic gradients of sum(g * (u @ M^T)): d/du = g @ M, and d/dc[i, j, k] sums the
+    # entries of block (i, j) of dM = g^T u that c[i, j, k] fills, M[r, s] = c[(r - s) mod p].
+    want_u = (g64 @ matrix).reshape(u.shape)
+    d_matrix = (g64.T @ u64).reshape(q_out, p, q_in, p).transpose(0, 2, 1, 3)
+    r = np.arange(p)
+    want_c = np.stack([d_matrix[:, :, r, (r - k) % p].sum(-1) for k in range(p)], axis=-1)
+    loss = lambda c, u: jnp.sum(jnp.asarray(g) * cdv.block_circulant_apply(c, u))  # noqa: E731
+    got_c, got_u = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(c), jnp.asarray(u))
+    np.testing.assert_allclose(got_u, want_u, rtol=1e-5, atol=1e-5 * np.abs(want_u).max())
+    np.testing.assert_allclose(got_c, want_c, rtol=1e-5, atol=1e-5 * np.abs(want_c).max())
+
+
+@pytest.mark.parametrize(("q_out", "q_in", "p"), [(4, 1, 6), (6, 10, 4), (16, 8, 3)])
+def test_block_circulant_apply_computes_bfloat16_inputs_in_float32(q_out, q_in, p):
+    rng = np.random.default_rng(2)
+    c = jnp.asarray(rng.standard_normal((q_out, q_in, p)), jnp.bfloat16)
+    u = jnp.asarray(rng.standard_normal((2, 3, q_in * p)), jnp.bfloat16)
+    out = cdv.block_circulant_apply(c, u)
+    assert out.dtype == jnp.float32
+    # The bfloat16 values are exact in float64, so only float32 rounding separates the two.
+    expected = np.asarray(u, np.float64) @ dense_block_circulant(np.asarray(c, np.float64)).T
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
