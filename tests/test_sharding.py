@@ -280,6 +280,63 @@ def _worker() -> dict[str, str]:
             assert min(moved) > 1e-4, config.method  # every trainable leaf moved
 
     check(baselines_with_dropout_on_fsdp_match_one_device)
+
+    def decoders_all_linear_on_fsdp_match_one_device():
+        """CDVFT on every linear layer of a tiny Llama (GQA: non-square k/v) and GPT-2 (FlaxConv1D kernels
+        stored (out, in)) trains the same on fsdp=8 as on one device, with the frozen base split."""
+        from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig
+
+        mesh = sharding.make_mesh(sharding.parse_mesh("fsdp=8"))
+        decoders = (
+            FlaxLlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                ),
+                seed=0,
+            ),
+            FlaxGPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32), seed=0),
+        )
+        ids = np.random.default_rng(0).integers(1, 64, (8, 12)).astype(np.int32)
+        for decoder in decoders:
+            decoder_adapted = cdvft_jax.inject(decoder, cdvft_jax.CDVFTConfig(target_modules=cdvft_jax.ALL_LINEAR))
+            decoder_trainable, decoder_frozen = decoder_adapted.split(
+                decoder_adapted.init(jax.random.key(0), decoder.params)
+            )
+            # Plain SGD: the update is linear in the gradient, so the sharded sums' last-bit differences stay
+            # last-bit in the params (Adam's g / sqrt(v) blows them up for near-zero gradients, see above).
+            decoder_optimizer = optax.sgd(0.5)
+
+            def lm_loss(params, batch, rng, decoder_adapted=decoder_adapted):
+                logits = decoder_adapted(batch, params=params).logits[:, :-1]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+            one_step = cdvft_jax.make_train_step(lm_loss, decoder_optimizer)
+            one_state = cdvft_jax.init_train_state(decoder_trainable, decoder_optimizer)
+            mesh_state, frozen_sharded, mesh_step = sharding.shard_training(
+                lm_loss,
+                decoder_optimizer,
+                cdvft_jax.init_train_state(decoder_trainable, decoder_optimizer),
+                decoder_frozen,
+                mesh,
+                min_size=MIN_SIZE,
+            )
+            batch = sharding.shard_batch(ids, mesh)
+            for k in range(3):
+                one_state, one_metrics = one_step(one_state, decoder_frozen, ids, jax.random.key(k))
+                mesh_state, mesh_metrics = mesh_step(mesh_state, frozen_sharded, batch, jax.random.key(k))
+                np.testing.assert_allclose(float(mesh_metrics["loss"]), float(one_metrics["loss"]), rtol=1e-5)
+            assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(frozen_sharded))
+            close(mesh_state.trainable, one_state.trainable)
+            assert float(one_metrics["loss"]) < float(
+                lm_loss(cdvft_jax.merge_params(decoder_trainable, decoder_frozen), ids, None)
+            )
+
+    check(decoders_all_linear_on_fsdp_match_one_device)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return results
 
@@ -297,6 +354,7 @@ WORKER_CHECKS = [
     "resume_on_other_meshes_matches_uninterrupted_run",
     "errors_name_the_sizes",
     "baselines_with_dropout_on_fsdp_match_one_device",
+    "decoders_all_linear_on_fsdp_match_one_device",
 ]
 
 
