@@ -314,3 +314,17 @@ def tiny_llama(tmp_path_factory) -> Path:
     FlaxLlamaForCausalLM(config, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (hidden 32, 2 layers, 4 heads; ``FlaxConv1D`` layers) with :func:`tiny_tokenizer`."""
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, eos_token_id=eos)
+    FlaxGPT2LMHeadModel(config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

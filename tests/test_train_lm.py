@@ -1,6 +1,9 @@
 """``python -m train.lm`` on tiny random Llama (and GPT-2) folders with a tokenizer trained offline on the tweets."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -27,6 +30,7 @@ from train.methods import (
 )
 from train.runtime import make_runtime
 
+REPO = Path(__file__).resolve().parents[1]
 TWEETS = ("--max-train-samples", "48", "--max-eval-samples", "12", "--batch-size", "8")
 
 
@@ -401,6 +405,47 @@ def test_run_errors_name_the_problem(tmp_path, tiny_llama):
     train, dev = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows)
     custom = ("--task", "custom", "--train-file", str(train), "--eval-file", str(dev))
     with pytest.raises(ConfigError, match="--exact-match compares generations with completions"):
-        run(tmp_path / "b", tiny_llama, *custom, "--exact-match")
+        run(tmp_path / "b", tiny_llama, *custom, "--exact-match", "True")
     with pytest.raises(ConfigError, match="FlaxLlamaForCausalLM has no enable_gradient_checkpointing"):
         run(tmp_path / "c", tiny_llama, *custom, "--gradient-checkpointing")
+
+
+def test_gpt2_conv1d_layers_train_and_export(tmp_path, tiny_gpt2, llama):
+    from transformers import FlaxGPT2LMHeadModel
+
+    _, tokenizer = llama
+    rows = [{"prompt": f"Q: {i} plus one?\nA:", "completion": f" {i + 1}"} for i in range(24)]
+    train, dev = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows[:6])
+    out = tmp_path / "out"
+    results, records = run(
+        out,
+        tiny_gpt2,
+        *("--task", "custom", "--train-file", str(train), "--eval-file", str(dev), "--epochs", "2"),
+        *("--target-modules", "c_attn", "c_proj", "c_fc", "--learning-rate", "2e-2", "--export-merged"),
+    )
+    assert records[-1]["loss"] < records[0]["loss"] and "exact_match" in results["best"]
+    adapted, params = cdvft_jax.load_adapter(out / "adapter", FlaxGPT2LMHeadModel.from_pretrained(tiny_gpt2))
+    assert len(adapted.layers) == 2 * 4  # c_attn, attn/c_proj, c_fc, mlp/c_proj in each block; not lm_head
+    batch = next(lm.batches(lm.encode(tokenizer, pairs(3), 128, truncate=False), 3, 0, 128, None, None))
+    expected = adapted(**batch.inputs, params=params).logits
+    got = FlaxGPT2LMHeadModel.from_pretrained(out / "merged")(**batch.inputs).logits
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_llama):
+    """``--mesh data=2,fsdp=2`` on 4 CPU devices (a subprocess: the device count is fixed when jax starts)."""
+    args = [*TWEETS, "--max-train-samples", "32", "--epochs", "1", "--num-generations", "2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = ["--model", str(tiny_llama), *args, "--output-dir", str(tmp_path / "mesh"), "--mesh", "data=2,fsdp=2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "train.lm", *flags], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, single = run(tmp_path / "single", tiny_llama, *args)
+    sharded = [json.loads(line) for line in (tmp_path / "mesh" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sharded] == [r["step"] for r in single]
+    for got, want in zip(sharded, single, strict=True):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sharded[-1]["train_loss"], single[-1]["train_loss"], rtol=1e-5)
+    rows = [(tmp_path / name / "generations" / "step-000000.jsonl").read_text() for name in ("mesh", "single")]
+    assert rows[0] == rows[1]  # the untrained model's greedy generations, identical

