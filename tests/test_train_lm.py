@@ -148,6 +148,7 @@ def _steps(setup, batch, steps=6):
     return losses, state, runtime.frozen
 
 
+MLP = ("gate_proj", "up_proj", "down_proj")
 SIZES = {"fourierft": {"n_frequency": 64}, "vera": {"rank": 16}, "lora": {"rank": 4}}
 
 
@@ -174,11 +175,11 @@ def test_every_method_lowers_the_loss_and_keeps_frozen_leaves(llama, method):
         if path not in trainable_paths:
             np.testing.assert_array_equal(value, before[path], err_msg=path)
     assert any(not np.array_equal(after[p], before[p]) for p in trainable_paths)
-    if method in ADAPTER_METHODS:  # every linear layer of each block, not the output head
+    if method in ADAPTER_METHODS:  # the default: every linear layer of each block, not the output head
         assert sorted(setup.adapted.layers) == sorted(
             f"model/layers/{i}/{part}/{name}"
             for i in range(2)
-            for part, names in (("self_attn", lm.LLAMA_LINEAR_LAYERS[:4]), ("mlp", lm.LLAMA_LINEAR_LAYERS[4:]))
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", MLP))
             for name in names
         )
 
@@ -421,7 +422,7 @@ def test_gpt2_conv1d_layers_train_and_export(tmp_path, tiny_gpt2, llama):
         out,
         tiny_gpt2,
         *("--task", "custom", "--train-file", str(train), "--eval-file", str(dev), "--epochs", "2"),
-        *("--target-modules", "c_attn", "c_proj", "c_fc", "--learning-rate", "2e-2", "--export-merged"),
+        *("--learning-rate", "2e-2", "--export-merged"),  # the default all-linear: the Conv1D layers
     )
     assert records[-1]["loss"] < records[0]["loss"] and "exact_match" in results["best"]
     adapted, params = cdvft_jax.load_adapter(out / "adapter", FlaxGPT2LMHeadModel.from_pretrained(tiny_gpt2))
@@ -449,3 +450,36 @@ def test_a_sharded_run_matches_the_single_device_run(tmp_path, tiny_llama):
     np.testing.assert_allclose(sharded[-1]["train_loss"], single[-1]["train_loss"], rtol=1e-5)
     rows = [(tmp_path / name / "generations" / "step-000000.jsonl").read_text() for name in ("mesh", "single")]
     assert rows[0] == rows[1]  # the untrained model's greedy generations, identical
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_decoder(tmp_path_factory, llama) -> Path:
+    """A tiny random BERT causal LM (``FlaxBertForCausalLM``: one with ``enable_gradient_checkpointing``)."""
+    from transformers import BertConfig, FlaxBertForCausalLM
+
+    _, tokenizer = llama
+    folder = tmp_path_factory.mktemp("tiny-bert-decoder")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        is_decoder=True,
+    )
+    FlaxBertForCausalLM(config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_gradient_checkpointing_trains_exactly_as_without(tmp_path, tiny_bert_decoder):
+    rows = [{"text": f"sample {i}: the quick brown fox jumps over the lazy dog"} for i in range(16)]
+    train, dev = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows[:4])
+    args = ("--task", "custom", "--train-file", str(train), "--eval-file", str(dev), "--learning-rate", "2e-2")
+    _, plain = run(tmp_path / "plain", tiny_bert_decoder, *args)
+    _, checkpointed = run(tmp_path / "checkpointed", tiny_bert_decoder, *args, "--gradient-checkpointing")
+    assert [r["step"] for r in checkpointed] == [r["step"] for r in plain] == [0, 2]
+    for got, want in zip(checkpointed, plain, strict=True):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    assert plain[-1]["loss"] < plain[0]["loss"]

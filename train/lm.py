@@ -46,6 +46,7 @@ import tyro
 
 import cdvft_jax
 from cdvft_jax import sharding
+from cdvft_jax.config import ALL_LINEAR
 from train.cli import check_count, check_rate
 from train.data import DataError
 from train.data.lm import LMExample, read_lm_jsonl, tweets_lm_dataset
@@ -73,11 +74,9 @@ from train.loop import (
 from train.methods import ADAPTER_METHODS, IGNORE_INDEX, NO_TOKEN, Batch, causal_lm_objective
 from train.text import check_model_fits
 
-# Every linear layer of a Llama-family decoder block (Llama, Mistral, Gemma, Qwen2), not the output head.
-LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The layers adapted when --target-modules is not given.  One place to switch to "all-linear" (every linear
-# layer but the output head, whatever the family) once cdvft_jax's config supports it.
-DEFAULT_TARGET_MODULES = LLAMA_LINEAR_LAYERS
+# The layers adapted when --target-modules is not given: every linear layer but the output head, whatever
+# the family (Llama's q/k/v/o_proj and gate/up/down_proj, GPT-2's FlaxConv1D c_attn, c_proj, c_fc).
+DEFAULT_TARGET_MODULES = (ALL_LINEAR,)
 SHORT_COMPLETION_TOKENS = 8
 """Dev completions of at most this many tokens are labels: exact match is scored unless --exact-match says no."""
 SMALLEST_WIDTH = 16  # the narrowest padded batch with power-of-two buckets
@@ -110,7 +109,8 @@ class LMConfig(RunConfig):
       sample_temperature: also write sampled generations at this temperature (seeded by --seed).
       export_merged: after training, write the adapter merged into the base model to output_dir/merged
         (a Flax checkpoint with the tokenizer; adapter methods).
-      target_modules: the layers the adapter method adapts.
+      target_modules: the layers the adapter method adapts (all-linear: every linear layer but the output
+        head).
       head_modules: modules trained in full beside the adapter (none by default; e.g. lm_head).
       epochs: passes over the training data.
       batch_size: sequences per optimizer step (the global batch on a mesh).
@@ -488,12 +488,13 @@ def run(config: LMConfig) -> dict:
         raise SystemExit(f"{len(train.input_ids)} training examples do not fill one batch of {config.batch_size}")
     model = load_model(folder, dtype=config.dtype, seed=config.seed)
     if config.gradient_checkpointing:
-        if not hasattr(model, "enable_gradient_checkpointing"):
+        try:  # FlaxPreTrainedModel's own raises NotImplementedError; the models that have one override it
+            model.enable_gradient_checkpointing()
+        except NotImplementedError as e:
             raise ConfigError(
                 f"--gradient-checkpointing: {type(model).__name__} has no enable_gradient_checkpointing() "
                 "in this transformers version"
-            )
-        model.enable_gradient_checkpointing()
+            ) from e
     fingerprint = run_fingerprint(
         config,
         model=model_digest(config.model),

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 import cdvft_jax
 from cdvft_jax import sharding
 from cdvft_jax.checkpoint import TrainingCheckpointer
+from cdvft_jax.config import ALL_LINEAR
 from train.cli import ConfigError, check_count, check_number, check_rate, flag, parse
 from train.hooks import (
     CheckpointHook,
@@ -439,18 +440,23 @@ def mesh_from_flag(
 def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfig:
     """The adapter config of method ``name`` (one of :data:`ADAPTER_METHODS`) from ``settings``.
 
-    ``settings`` has already refused the sizes of other methods (e.g. ``--rank`` with ``cdvft``).
+    ``settings`` has already refused the sizes of other methods (e.g. ``--rank`` with ``cdvft``).  The
+    target ``all-linear`` alone (``--target-modules all-linear``) is the library's :data:`~cdvft_jax.config.ALL_LINEAR`:
+    every linear layer but the output head.
 
     Raises:
       SystemExit: if a value does not make a valid config.
     """
+    targets = settings.target_modules
     fields = {f: getattr(settings, f) for f in METHOD_SIZES[name] if getattr(settings, f) is not None}
     if settings.alpha is not None:
         fields["alpha"] = settings.alpha
     config_class = cdvft_jax.method_spec(name).config_class
     try:
         return config_class(
-            target_modules=list(settings.target_modules), modules_to_save=list(settings.head_modules), **fields
+            target_modules=ALL_LINEAR if tuple(targets) == (ALL_LINEAR,) else list(targets),
+            modules_to_save=list(settings.head_modules),
+            **fields,
         )
     except ValueError as e:
         raise SystemExit(f"--method {name}: {e}") from e
