@@ -49,6 +49,7 @@ from cdvft_jax.cdv import (
     cdv_product_delta,
     cdv_product_weight,
     cdv_shape,
+    padded_block_sizes,
     valid_block_sizes,
 )
 from cdvft_jax.checkpoint import CheckpointWriteError, CorruptCheckpointError, TrainingCheckpointer
@@ -146,6 +147,7 @@ __all__ = [
     "spectral_positions",
     "split_params",
     "stack_adapters",
+    "padded_block_sizes",
     "valid_block_sizes",
     "vera_projections",
 ]

@@ -8,10 +8,12 @@ A CDV delta with ``num_factors = 2m - 1`` alternates ``m`` diagonal factors and
 ``D_0 = diag(a_in)`` acts on the layer input (length ``d_in``); every later
 diagonal has length ``d_out``; ``C_1`` maps ``d_in -> d_out`` and the later
 circulants ``d_out -> d_out``.  A block-circulant ``C`` with block size ``p`` is
-stored as ``c`` of shape ``(rows // p, cols // p, p)``: block ``(i, j)`` is the
+stored as ``c`` of shape ``(ceil(rows / p), ceil(cols / p), p)``: block ``(i, j)`` is the
 ``p x p`` circulant matrix whose first column is ``c[i, j]``, so it applies to a
 piece ``u`` of the input as ``irfft(rfft(c[i, j]) * rfft(u), n=p)`` and output
-block ``i`` sums over ``j``.
+block ``i`` sums over ``j``.  When ``p`` does not divide a side (a Llama MLP's
+``4096 <-> 11008`` with ``p = 4096``), that side is zero-padded to a whole number of
+blocks and ``C`` is the top-left ``rows x cols`` corner of the padded block-circulant.
 
 On activations (row vectors, Flax's ``x @ kernel`` convention) the delta is
 ``a_out * C(... a_in * x)``.  It is computed with 1-D real FFTs in float32
@@ -44,10 +46,22 @@ __all__ = [
     "cdv_product_delta",
     "cdv_product_weight",
     "cdv_shape",
+    "padded_block_sizes",
     "valid_block_sizes",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def padded_block_sizes(d_in: int, d_out: int) -> list[int]:
+    """Block sizes ``p`` that divide the smaller dimension, ascending: the valid ones when the larger side
+    may be zero-padded to whole blocks (CDVFT's rule).
+
+    >>> padded_block_sizes(12, 18)
+    [1, 2, 3, 4, 6, 12]
+    """
+    small = min(d_in, d_out)
+    return [p for p in range(1, small + 1) if small % p == 0]
 
 
 def valid_block_sizes(d_in: int, d_out: int) -> list[int]:
@@ -86,16 +100,23 @@ def cdv_shape(
     block_size: int | None = None,
     num_factors: int = 3,
     layer: str = "<layer>",
+    *,
+    pad: bool = True,
 ) -> CDVShape:
     """Validates a CDV configuration for a ``(d_in, d_out)`` layer and resolves it.
 
     Args:
       d_in: input features.
       d_out: output features.
-      block_size: circulant block size. ``None`` picks ``gcd(d_in, d_out)``:
-        one block for a square layer, the largest common divisor otherwise.
+      block_size: circulant block size.  With ``pad``, any divisor of the
+        smaller dimension (the larger side is zero-padded to whole blocks when
+        ``p`` does not divide it), and ``None`` is the smaller dimension: one
+        block for a square layer, one block row or column otherwise.  Without
+        ``pad``, a divisor of both, and ``None`` is ``gcd(d_in, d_out)``.
       num_factors: an odd number ``>= 1`` of alternating factors.
       layer: the layer's name, quoted in error messages.
+      pad: whether the larger side may be zero-padded (CDVFT); C3A (peft's
+        rule) tiles both sides exactly.
 
     Returns:
       The :class:`CDVShape` with every factor's shape.
@@ -103,11 +124,13 @@ def cdv_shape(
     Raises:
       ValueError: on a non-positive dimension, an even or non-positive
         ``num_factors``, a lone diagonal (``num_factors=1``) on a non-square
-        layer, or a block size that does not divide both dimensions (the
-        message lists the valid block sizes).
+        layer, or a block size that is not valid (the message lists the valid
+        block sizes).
 
     >>> cdv_shape(768, 768).circulant_shapes
     ((1, 1, 768),)
+    >>> cdv_shape(4096, 11008).circulant_shapes  # 11008 outputs: 3 blocks of 4096, the last cut short
+    ((3, 1, 4096),)
     """
     if d_in <= 0 or d_out <= 0:
         raise ValueError(f"layer {layer!r}: dimensions must be positive, got ({d_in}, {d_out})")
@@ -123,18 +146,20 @@ def cdv_shape(
             "(a lone diagonal) is only valid for square layers"
         )
     if block_size is None:
-        block_size = math.gcd(d_in, d_out)
+        block_size = min(d_in, d_out) if pad else math.gcd(d_in, d_out)
     elif isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ValueError(f"layer {layer!r}: block_size must be an int or None, got {block_size!r}")
-    if block_size <= 0 or d_in % block_size or d_out % block_size:
+    valid = padded_block_sizes(d_in, d_out) if pad else valid_block_sizes(d_in, d_out)
+    if block_size not in valid:
+        rule = "the smaller dimension" if pad else "both dimensions"
         raise ValueError(
             f"layer {layer!r} of shape (d_in={d_in}, d_out={d_out}): block_size={block_size} "
-            f"does not divide both dimensions; valid block sizes: {valid_block_sizes(d_in, d_out)}"
+            f"does not divide {rule}; valid block sizes: {valid}"
         )
     m = (num_factors + 1) // 2
     p = block_size
     diagonals = ((d_in,),) + ((d_out,),) * (m - 1)
-    circulants = tuple((d_out // p, (d_in if k == 0 else d_out) // p, p) for k in range(m - 1))
+    circulants = tuple((-(-d_out // p), -(-(d_in if k == 0 else d_out) // p), p) for k in range(m - 1))
     return CDVShape(d_in, d_out, p, num_factors, diagonals, circulants)
 
 
@@ -198,7 +223,7 @@ def block_circulant_apply(c: jax.Array, u: jax.Array) -> jax.Array:
     chosen by measured fwd+bwd time on CPU:
 
     * at most :data:`_ELEMENTWISE_MAX_BLOCKS` blocks on the smaller side (one
-      block, the default ``gcd`` block size of a 768 x 3072 layer, ...): an
+      block, the default block size of a 768 x 3072 layer, ...): an
       elementwise complex product-and-sum, which XLA fuses into one pass over
       the spectra in the layout the FFTs use;
     * otherwise a batched real matmul with the frequency as the batch
@@ -276,12 +301,22 @@ def _check_factors(diagonals: Sequence[jax.Array], circulants: Sequence[jax.Arra
     width = diagonals[0].shape[0]
     for diag, circ in zip(diagonals[1:], circulants, strict=True):
         q_out, q_in, p = circ.shape
-        if q_in * p != width or q_out * p != diag.shape[0]:
+        if q_in != -(-width // p) or q_out != -(-diag.shape[0] // p):
             raise ValueError(
                 f"circulant of shape {circ.shape} maps {q_in * p} -> {q_out * p} features, "
                 f"but sits between diagonals of lengths {width} and {diag.shape[0]}"
             )
         width = diag.shape[0]
+
+
+def _padded_apply(circ: jax.Array, h: jax.Array, d_out: int) -> jax.Array:
+    """The ``(..., d_out)`` corner of the block-circulant ``circ`` applied to ``h``, zero-padded to whole blocks."""
+    q_out, q_in, p = circ.shape
+    missing = q_in * p - h.shape[-1]
+    if missing:
+        h = jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, missing)])
+    y = block_circulant_apply(circ, h)
+    return y[..., :d_out] if q_out * p != d_out else y
 
 
 def cdv_product_delta(
@@ -308,7 +343,7 @@ def cdv_product_delta(
         raise ValueError(f"x has {x.shape[-1]} features; the CDV factors expect d_in={diagonals[0].shape[0]}")
     h = x.astype(jnp.float32) * diagonals[0].astype(jnp.float32)
     for diag, circ in zip(diagonals[1:], circulants, strict=True):
-        h = block_circulant_apply(circ, h) * diag.astype(jnp.float32)
+        h = _padded_apply(circ, h, diag.shape[0]) * diag.astype(jnp.float32)
     return h.astype(x.dtype if out_dtype is None else out_dtype)
 
 
@@ -322,10 +357,15 @@ def cdv_product_weight(diagonals: Sequence[jax.Array], circulants: Sequence[jax.
     # columns; only products of circulants need a matmul (none for the paper's three factors).
     if not circulants:
         return jnp.diag(diagonals[0].astype(jnp.float32))
-    weight = diagonals[0].astype(jnp.float32)[:, None] * block_circulant_matrix(circulants[0]).T
+
+    def corner(circ: jax.Array, rows: int, cols: int) -> jax.Array:  # C^T without the padded rows and columns
+        return block_circulant_matrix(circ)[:rows, :cols].T
+
+    d_in, d_out = diagonals[0].shape[0], diagonals[1].shape[0]
+    weight = diagonals[0].astype(jnp.float32)[:, None] * corner(circulants[0], d_out, d_in)
     weight = weight * diagonals[1].astype(jnp.float32)
     for diag, circ in zip(diagonals[2:], circulants[1:], strict=True):
-        weight = jnp.matmul(weight, block_circulant_matrix(circ).T, precision=_HIGHEST)
+        weight = jnp.matmul(weight, corner(circ, d_out, d_out), precision=_HIGHEST)
         weight = weight * diag.astype(jnp.float32)
     return weight
 
@@ -336,7 +376,7 @@ def cdv_delta(x: jax.Array, a_in: jax.Array, c: jax.Array, a_out: jax.Array) -> 
     Args:
       x: ``(..., d_in)`` activations of any float dtype and any leading dims.
       a_in: ``(d_in,)`` input diagonal.
-      c: ``(d_out // p, d_in // p, p)`` block-circulant first columns.
+      c: ``(ceil(d_out / p), ceil(d_in / p), p)`` block-circulant first columns.
       a_out: ``(d_out,)`` output diagonal.
 
     Returns:

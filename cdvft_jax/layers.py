@@ -20,7 +20,7 @@ class CDVDense(nn.Dense, AdapterLayerMarker):
     beside them by the ``init_scheme`` of :class:`~cdvft_jax.CDVFTConfig`.
 
     Attributes:
-      block_size: circulant block size; ``None`` is one block per square layer.
+      block_size: circulant block size; ``None`` is ``min(d_in, d_out)``, one block per square layer.
       num_factors: odd number of alternating factors.
       alpha: scale of the delta.
       init_scheme: ``"zero"``, ``"identity"`` or ``"random"`` (see :data:`~cdvft_jax.INIT_SCHEMES`).

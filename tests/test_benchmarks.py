@@ -96,6 +96,20 @@ def test_full_size_params_ratio():
         assert round(rows["lora"]["adapter_ratio_to_cdvft"], 2) == ratio
 
 
+def test_llama_2_7b_all_linear_counts_follow_the_per_layer_formulas():
+    """Two layers of Llama-2-7B's widths (the count is per layer): CDVFT's square attention layers train 3 x 4096,
+    its MLP layers 4096 + 11008 + 3 x 4096 (11008 padded to three blocks of 4096); LoRA r (d_in + d_out)."""
+    rows = {r["method"]: r for r in params.llama_param_rows({**params.LLAMA_2_7B, "num_hidden_layers": 2})}
+    d, mlp = 4096, 11008
+    cdvft = 4 * 3 * d + 3 * (d + mlp + 3 * d)
+    assert rows["cdvft"]["adapter_params"] == rows["cdvft"]["analytic_adapter_params"] == 2 * cdvft
+    for rank in (8, 16):
+        lora = 4 * rank * 2 * d + 3 * rank * (d + mlp)
+        assert rows[f"lora r={rank}"]["adapter_params"] == 2 * lora
+        assert rows[f"lora r={rank}"]["adapter_ratio_to_cdvft"] == pytest.approx(lora / cdvft)
+    assert {r["adapted_layers"] for r in rows.values()} == {2 * 7}
+
+
 def test_dense_operator_flops_are_two_t_d_d(results):
     dense = [r for r in results[1]["operator"] if r["op"] == "dense" and r["direction"] == "fwd"]
     assert dense

@@ -18,10 +18,12 @@ def dense_block_circulant(c: np.ndarray) -> np.ndarray:
 
 
 def dense_reference(diagonals, circulants) -> np.ndarray:
-    """(d_in, d_out) float64 Flax-layout weight of D_{m-1} C_{m-1} ... C_1 D_0."""
+    """(d_in, d_out) float64 Flax-layout weight of D_{m-1} C_{m-1} ... C_1 D_0, each C the top-left
+    corner of its block-circulant that fits the diagonals beside it (all of it when p divides both sides)."""
     w = np.diag(np.asarray(diagonals[0], np.float64))
     for d, c in zip(diagonals[1:], circulants, strict=True):
-        w = np.diag(np.asarray(d, np.float64)) @ dense_block_circulant(np.asarray(c, np.float64)) @ w
+        corner = dense_block_circulant(np.asarray(c, np.float64))[: len(d), : w.shape[0]]
+        w = np.diag(np.asarray(d, np.float64)) @ corner @ w
     return w.T
 
 
@@ -32,8 +34,9 @@ def random_factors(rng, d_in, d_out, p, num_factors):
     return diagonals, circulants
 
 
-# (d_in, d_out, block_size): square one-block, square multi-block, both non-square directions;
-# the last two have more than _ELEMENTWISE_MAX_BLOCKS blocks on each side (the matmul mixing).
+# (d_in, d_out, block_size): square one-block, square multi-block, both non-square directions; (40, 24, 4)
+# and (24, 48, 3) have more than _ELEMENTWISE_MAX_BLOCKS blocks on each side (the matmul mixing); the last
+# three pad the larger side to whole blocks (the output, the input, and the input on the matmul path).
 SHAPES = [
     (16, 16, None),
     (16, 16, 4),
@@ -44,6 +47,9 @@ SHAPES = [
     (18, 12, 6),
     (40, 24, 4),
     (24, 48, 3),
+    (12, 20, None),
+    (20, 12, None),
+    (42, 24, 4),
 ]
 
 
@@ -75,7 +81,8 @@ def test_three_factor_api_is_the_paper_form(d_in, d_out, p):
     (a_in, a_out), (c,) = random_factors(rng, d_in, d_out, p, 3)
     x = rng.standard_normal((5, d_in)).astype(np.float32)
     # a_out * C(a_in * x), written with the explicit circulant.
-    reference = (a_out[:, None] * (dense_block_circulant(c.astype(np.float64)) @ (a_in[:, None] * x.T))).T
+    corner = dense_block_circulant(c.astype(np.float64))[:d_out, :d_in]  # all of it unless a side is padded
+    reference = (a_out[:, None] * (corner @ (a_in[:, None] * x.T))).T
     np.testing.assert_allclose(
         cdv.cdv_delta(x, a_in, c, a_out), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max()
     )
@@ -147,21 +154,33 @@ def test_jit_and_vmap_over_parameter_sets():
 def test_block_size_default_and_valid_sizes():
     assert cdv.cdv_shape(768, 768).block_size == 768
     assert cdv.cdv_shape(768, 3072).block_size == 768
-    assert cdv.cdv_shape(12, 18).block_size == 6
+    # The smaller side is one block; the larger is padded to whole blocks (18 -> 24).
+    assert cdv.cdv_shape(12, 18).circulant_shapes == ((2, 1, 12),)
+    assert cdv.cdv_shape(11008, 4096).circulant_shapes == ((1, 3, 4096),)
+    assert cdv.cdv_shape(12, 18, 4).circulant_shapes == ((5, 3, 4),)
+    assert cdv.padded_block_sizes(12, 18) == [1, 2, 3, 4, 6, 12]
+    # Without padding (C3A, peft's rule): divisors of both sides, gcd by default.
+    assert cdv.cdv_shape(12, 18, pad=False).circulant_shapes == ((3, 2, 6),)
     assert cdv.valid_block_sizes(12, 18) == [1, 2, 3, 6]
 
 
 @pytest.mark.parametrize(
-    ("d_in", "d_out", "p", "num_factors"), [(768, 768, None, 3), (768, 3072, 256, 3), (64, 64, 16, 5), (32, 32, 8, 1)]
+    ("d_in", "d_out", "p", "num_factors"),
+    [(768, 768, None, 3), (768, 3072, 256, 3), (64, 64, 16, 5), (32, 32, 8, 1), (4096, 11008, None, 3)],
 )
 def test_parameter_count_is_the_number_of_stored_scalars(d_in, d_out, p, num_factors):
     shape = cdv.cdv_shape(d_in, d_out, p, num_factors)
     stored = sum(math.prod(s) for s in shape.diagonal_shapes + shape.circulant_shapes)
     m, p = (num_factors + 1) // 2, shape.block_size
-    # m diagonals, one d_in -> d_out circulant and m - 2 square ones, each with d_in * d_out / p entries.
+
+    # m diagonals, one d_in -> d_out circulant and m - 2 square ones, each with (padded d_in) * (padded d_out) / p
+    # entries, a side padded up to whole blocks.
+    def padded(d):
+        return -(-d // p) * p
+
     by_formula = d_in + (m - 1) * d_out
     if m > 1:
-        by_formula += d_in * d_out // p + (m - 2) * d_out * d_out // p
+        by_formula += padded(d_in) * padded(d_out) // p + (m - 2) * padded(d_out) ** 2 // p
     assert cdv.cdv_num_params(shape) == stored == by_formula
 
 
@@ -181,7 +200,14 @@ def test_flops_per_token_follows_the_documented_convention():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(d_in=12, d_out=18, block_size=4), r"'blk'.*d_in=12, d_out=18.*block_size=4.*\[1, 2, 3, 6\]"),
+        (
+            dict(d_in=12, d_out=18, block_size=5),
+            r"'blk'.*d_in=12, d_out=18.*block_size=5 does not divide the smaller.*\[1, 2, 3, 4, 6, 12\]",
+        ),
+        (
+            dict(d_in=12, d_out=18, block_size=4, pad=False),
+            r"'blk'.*block_size=4 does not divide both dimensions.*\[1, 2, 3, 6\]",
+        ),
         (dict(d_in=12, d_out=12, block_size=0), r"'blk'.*block_size=0"),
         (dict(d_in=12, d_out=18, num_factors=1), r"'blk'.*num_factors=1.*square"),
         (dict(d_in=12, d_out=12, num_factors=4), r"'blk'.*odd"),

@@ -73,8 +73,8 @@ class C3AConfig(AdapterConfig):
 
 
 def _kernel_shape(d_in: int, d_out: int, config: C3AConfig, layer: str) -> tuple[int, int, int]:
-    # CDV's shape check: the same divisibility rule, and its error lists the valid block sizes.
-    (shape,) = cdv.cdv_shape(d_in, d_out, config.block_size, num_factors=3, layer=layer).circulant_shapes
+    # CDV's shape check with peft's rule (the block size divides both sides); its error lists the valid sizes.
+    (shape,) = cdv.cdv_shape(d_in, d_out, config.block_size, num_factors=3, layer=layer, pad=False).circulant_shapes
     return shape
 
 
@@ -111,7 +111,7 @@ def _delta_weight(params: LayerParams, d_in: int, d_out: int, config: C3AConfig)
 
 def _circulant_only(d_in: int, d_out: int, config: C3AConfig, layer: str) -> cdv.CDVShape:
     """CDV's shape with the diagonals' lengths zeroed, so CDV's flop counts cover the circulant alone."""
-    shape = cdv.cdv_shape(d_in, d_out, config.block_size, num_factors=3, layer=layer)
+    shape = cdv.cdv_shape(d_in, d_out, config.block_size, num_factors=3, layer=layer, pad=False)
     return shape._replace(diagonal_shapes=((0,), (0,)))
 
 

@@ -38,8 +38,11 @@ class CDVFTConfig(AdapterConfig):
 
     Attributes:
       target_modules: layers to adapt; query and value by default (the paper).
-      block_size: circulant block size ``p``; ``None`` means one block for a
-        square layer and ``gcd(d_in, d_out)`` otherwise.
+      block_size: circulant block size ``p``, a divisor of the layer's smaller
+        dimension; ``None`` is the smaller dimension itself: one block for a
+        square layer, one block row or column otherwise, the larger side
+        zero-padded to whole blocks when ``p`` does not divide it (see
+        :func:`~cdvft_jax.cdv_shape`).
       num_factors: odd number of alternating diag/circulant factors (3 in the paper).
       init: one of :data:`INIT_SCHEMES`.
       (See :class:`~cdvft_jax.config.AdapterConfig` for the other fields.)
@@ -168,7 +171,7 @@ register(
         CDVFTConfig,
         sizes=(
             SizeSetting(
-                "block_size", "circulant block size p (default: one block per square layer, gcd(d_in, d_out) otherwise)"
+                "block_size", "circulant block size p (default: min(d_in, d_out), one block per square layer)"
             ),
         ),
         # The papers' settings, for the benchmarks.
