@@ -170,9 +170,7 @@ register(
         CDVFT,
         CDVFTConfig,
         sizes=(
-            SizeSetting(
-                "block_size", "circulant block size p (default: min(d_in, d_out), one block per square layer)"
-            ),
+            SizeSetting("block_size", "circulant block size p (default: min(d_in, d_out), one block per square layer)"),
         ),
         # The papers' settings, for the benchmarks.
         paper_settings={"roberta-base": {}, "vit-base": {}},
