@@ -21,3 +21,13 @@ def test_readme_example_trains_and_merges():
     trained = merge_params(namespace["state"].trainable, namespace["frozen"])
     expected = adapted(namespace["batch"]["input_ids"], params=trained).logits
     np.testing.assert_allclose(namespace["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_decoder_example_generates_and_exports(tmp_path, monkeypatch):
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "generate" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    np.testing.assert_array_equal(namespace["tokens"], namespace["same_tokens"])
+    assert namespace["tokens"].shape == (1, 4 + 8)
+    assert {p.name for p in (tmp_path / "llama-merged").iterdir()} == {"config.json", "model.safetensors"}
