@@ -237,7 +237,7 @@ def test_tweets_run_writes_what_it_claims(tiny_llama, tweets_run):
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["train_loss"] < records[1]["train_loss"]
     best = max(records[1:], key=lambda r: r["exact_match"])
     assert results["best_epoch"] == best["epoch"]
-    # CDVFT trains d_in + d_out + d_in * d_out / p numbers a layer (p = gcd(d_in, d_out)): q and o 32 x 32,
+    # CDVFT trains d_in + d_out + d_in * d_out / p numbers a layer (p: the smaller side): q and o 32 x 32,
     # k and v 32 x 16, gate and up 32 x 64, down 64 x 32; 2 layers.
     assert results["trainable_params"] == 2 * (2 * 96 + 2 * 80 + 3 * 160)
     assert cdvft_jax.read_adapter_config(out / "adapter")["base_model"] == str(tiny_llama)
