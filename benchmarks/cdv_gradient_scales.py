@@ -36,10 +36,10 @@ class OneDense(nn.Module):
 
 def random_cdv_target(key: jax.Array, d_in: int, d_out: int) -> jax.Array:
     """A random block-circulant CDV product ``D_out C D_in`` (dense, Flax layout) of unit-order entries."""
-    p = cdvft_jax.cdv_shape(d_in, d_out).block_size
+    (c_shape,) = cdvft_jax.cdv_shape(d_in, d_out).circulant_shapes
     k_in, k_c, k_out = jax.random.split(key, 3)
     a_in = 1.0 + 0.5 * jax.random.normal(k_in, (d_in,))
-    c = jax.random.normal(k_c, (d_out // p, d_in // p, p)) / p**0.5
+    c = jax.random.normal(k_c, c_shape) / c_shape[-1] ** 0.5
     a_out = 0.5 * jax.random.normal(k_out, (d_out,))
     return cdvft_jax.cdv_delta_weight(a_in, c, a_out)
 

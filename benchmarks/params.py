@@ -12,7 +12,8 @@ adapter-only count over CDVFT's on the same model: LoRA r=8 on RoBERTa-base give
 
 :func:`llama_param_rows` counts ``target_modules="all-linear"`` (q, k, v, o, gate, up, down of every layer)
 on Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 layers), with CDVFT's default block size
-(one block for the square attention layers, ``gcd = 256`` for the MLP's ``4096 <-> 11008``).
+(one block for the square attention layers; for the MLP's ``4096 <-> 11008``, blocks of 4096 with the
+11008 side padded to three of them).
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
 """The library version, in its own module so that submodules can read it during package import."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

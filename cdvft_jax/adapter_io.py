@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -321,9 +323,12 @@ def load_adapter(
         adapted = inject(model, config, *sample_inputs)
     except ValueError as e:
         raise AdapterFileError(f"the adapter in {directory} does not fit this {model_class}: {e}") from e
-    _check_same(
-        document["layers"], _layer_entries(adapted), f"{directory / CONFIG_NAME} does not match this {model_class}"
-    )
+    try:
+        _check_same(
+            document["layers"], _layer_entries(adapted), f"{directory / CONFIG_NAME} does not match this {model_class}"
+        )
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{e}{_old_block_size_hint(document['layers'], adapted)}") from None
     saved_modules = {path: list(shape) for path, shape in _saved_module_shapes(adapted).items()}
     _check_same(
         document["modules_to_save"],
@@ -430,6 +435,27 @@ def _layer_entries(adapted: AdaptedModel) -> dict[str, dict[str, Any]]:
         }
         for path, layer in adapted.layers.items()
     }
+
+
+def _old_block_size_hint(stored: Mapping[str, Any], adapted: AdaptedModel) -> str:
+    """How to load a CDVFT adapter saved before 0.2.0 with ``block_size=None`` on a layer where the old
+    default, ``gcd(d_in, d_out)``, differs from today's, ``min(d_in, d_out)``; empty for any other mismatch."""
+    config = adapted.config
+    if config.method != "cdvft" or config.block_size is not None:
+        return ""
+    old = {}
+    for path, layer in adapted.layers.items():
+        saved = stored.get(path, {}).get("params", {}).get("cdv_c")
+        gcd = math.gcd(layer.d_in, layer.d_out)
+        if saved is not None and saved[-1] == gcd != layer.param_shapes["cdv_c"][-1]:
+            old[f"^{re.escape(path)}$"] = {"block_size": gcd}
+    if not old:
+        return ""
+    return (
+        f". The adapter was saved with CDVFT's default block size before 0.2.0, gcd(d_in, d_out); today's "
+        f"default is min(d_in, d_out). To load it, add to the 'adapter' entry of its {CONFIG_NAME}: "
+        f'"overrides": {json.dumps(old)}'
+    )
 
 
 def _saved_module_shapes(adapted: AdaptedModel) -> dict[str, Shape]:

@@ -332,7 +332,10 @@ def cdv_product_delta(
       diagonals: ``m`` vectors, ``diagonals[0]`` of length ``d_in`` and the
         others of length ``d_out``.
       circulants: ``m - 1`` block-circulant tensors ``(q_out, q_in, p)``; the
-        first maps ``d_in -> d_out``, the others ``d_out -> d_out``.
+        first maps ``d_in -> d_out``, the others ``d_out -> d_out``.  Any
+        ``p`` works here, each side taking ``ceil(width / p)`` blocks (zero
+        padding, then the corner); :func:`cdv_shape` is where a config's block
+        size is held to the rules.
       out_dtype: dtype of the result; ``None`` means ``x.dtype``.
 
     Returns:

@@ -44,12 +44,16 @@ ModulePatterns = str | Sequence[str]
 """A regex (full match on the module path) or a list of path suffixes."""
 
 ALL_LINEAR = "all-linear"
-"""``target_modules=ALL_LINEAR`` adapts every linear layer but the output head and ``modules_to_save``
-(peft's ``"all-linear"``)."""
+"""``target_modules=ALL_LINEAR`` (any letter case) adapts every linear layer outside :data:`OUTPUT_HEADS` and
+``modules_to_save``.  Like peft's ``"all-linear"`` it leaves the output layer alone; unlike it, a head is left
+out whole, its inner layers too (RoBERTa's ``classifier/dense``, a masked LM's ``lm_head/dense``), since a
+task head is trained in full or not at all."""
 
-OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs")
-"""Modules :data:`ALL_LINEAR` leaves out: the output heads of Hugging Face models (a language model's
-``lm_head``, a classifier's ``classifier`` or ``score``, a question-answering ``qa_outputs``)."""
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "predictions/decoder", "generator_lm_head")
+"""The head modules :data:`ALL_LINEAR` leaves out, matched as path suffixes of a layer or of one of its
+ancestors: a language model's ``lm_head``, a classifier's ``classifier`` or ``score``, a question-answering
+``qa_outputs``, and the untied output layers of BERT's and ALBERT's (``predictions/decoder``) and ELECTRA's
+(``generator_lm_head``) masked-LM heads."""
 
 # Fields that choose modules; the rest may be overridden per layer.
 _SELECTION_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "overrides")
@@ -144,7 +148,10 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise in place once
-        targets = _normalize_patterns(self.target_modules, "target_modules")
+        targets = self.target_modules
+        if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            targets = ALL_LINEAR
+        targets = _normalize_patterns(targets, "target_modules")
         if not targets:
             raise ValueError("target_modules is empty: name at least one layer to adapt")
         set_(self, "target_modules", targets)

@@ -172,7 +172,7 @@ class AdaptedModel:
     def _stacked_interceptor(self, rows: AdapterRows, next_fun, args, kwargs, context):
         # Row b of the batch runs adapter rows.index[b]: its adapter leaves and head are gathered per row.
         module = context.module
-        if not _is_linear_call(context):
+        if not _is_linear_call(context) or module.is_initializing():  # see _interceptor
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
         x = _linear_input(args, kwargs)
@@ -254,8 +254,11 @@ class AdaptedModel:
         """Context in which every call of the model's modules is adapted.
 
         Use it to adapt a call that :meth:`__call__` does not cover, e.g.
-        ``module.apply`` with extra variable collections.  With ``rows``
-        (:meth:`adapter_rows`), each batch row runs its own stacked adapter.
+        ``module.apply`` with extra variable collections, or a Hugging Face
+        model's own ``generate``.  With ``rows`` (:meth:`adapter_rows`), each
+        batch row runs its own stacked adapter.  A module that is initialising
+        (``init``, e.g. a decoder's key-value cache set-up) runs unadapted: it
+        creates its own variables and the adapter's are not among them.
         """
         interceptor = self._interceptor if rows is None else functools.partial(self._stacked_interceptor, rows)
         with nn.intercept_methods(interceptor):

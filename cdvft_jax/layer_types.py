@@ -91,8 +91,8 @@ class LinearLayer(NamedTuple):
     path: str
     d_in: int
     d_out: int
-    kind: str = "dense"
-    kernel_layout: KernelLayout = "in_out"
+    kind: str
+    kernel_layout: KernelLayout
 
     @property
     def kernel_shape(self) -> tuple[int, int]:
@@ -117,4 +117,4 @@ class AdaptedLayer(NamedTuple):
     d_out: int
     config: AdapterConfig
     param_shapes: Mapping[str, tuple[int, ...]]
-    kernel_layout: KernelLayout = "in_out"
+    kernel_layout: KernelLayout

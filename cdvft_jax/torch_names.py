@@ -27,15 +27,18 @@ def flax_to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
 
     * the module path is joined with ``"."``;
     * a 4-D ``kernel`` (a convolution, HWIO) becomes ``weight`` in OIHW;
-    * any other ``kernel`` (a dense layer, ``(in, out)``) becomes ``weight``
-      transposed (``.T``; PyTorch's ``Linear`` stores ``(out, in)``);
+    * any other ``kernel`` becomes ``weight`` transposed (``.T``): a Flax
+      ``Dense`` kernel ``(in, out)`` becomes PyTorch's ``Linear`` ``(out, in)``,
+      and GPT-2's ``FlaxConv1D`` kernel ``(out, in)`` PyTorch's ``Conv1D``
+      ``(in, out)``;
     * ``scale`` (LayerNorm) and ``embedding`` (Embed) become ``weight``;
     * every other leaf (``bias``, ``cls_token``, ``position_embeddings``, ...)
       keeps its name and layout.
 
     Flax and PyTorch share parameter names for the Hugging Face classes this
     library adapts (RoBERTa, BERT and ViT with their classification heads,
-    base-model prefix included), so no further renaming is needed.
+    the decoders Llama, Mistral, Gemma and GPT-2, base-model prefix
+    included), so no further renaming is needed.
 
     Args:
       params: the ``params`` collection of a Flax model, e.g. the output of

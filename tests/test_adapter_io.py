@@ -409,3 +409,34 @@ def test_a_format_1_adapter_without_a_hash_still_loads(roberta, copy, saved):
     _, expected = load_adapter(saved, roberta)
     for path, leaf in flat_params(expected).items():
         np.testing.assert_array_equal(flat_params(params)[path], leaf, err_msg=path)
+
+
+def test_an_adapter_saved_with_the_old_gcd_default_block_size_names_the_overrides_that_load_it(tmp_path):
+    # Before 0.2.0, block_size=None on a non-square layer meant gcd(d_in, d_out): 16 for a 32 -> 48 layer, which
+    # is 32 now; such a file stores cdv_c of the old shape.  Simulated by saving with the old size set
+    # explicitly, then writing the config as the old default would have.
+    model = FlaxRobertaForSequenceClassification(RobertaConfig(**{**TEXT, "intermediate_size": 48}), seed=0)
+    layer = "roberta/encoder/layer/0/intermediate/dense"
+    config = CDVFTConfig(
+        target_modules=["intermediate/dense"], init="random", overrides={r".*/intermediate/dense": {"block_size": 16}}
+    )
+    adapted = cdvft_jax.inject(model, config)
+    params = adapted.init(jax.random.key(0), model.params)
+    inputs, _ = make_inputs("roberta")
+    expected = adapted(**inputs, params=params).logits
+    out = save_adapter(tmp_path / "old", adapted, params)
+    document = json.loads((out / CONFIG_NAME).read_text())
+    assert document["layers"][layer]["params"]["cdv_c"] == [3, 2, 16]
+    document["adapter"]["overrides"] = {}
+    (out / CONFIG_NAME).write_text(json.dumps(document))
+
+    with pytest.raises(AdapterFileError, match=r"before 0\.2\.0, gcd\(d_in, d_out\).*\"overrides\": (\{.*\})") as info:
+        load_adapter(out, model)
+    # The message holds the exact overrides for every such layer (both layers of the tiny model), and with them
+    # the file loads to the saved model's outputs.
+    hint = json.loads(str(info.value).split('"overrides": ', 1)[1])
+    assert hint == {f"^{p}$": {"block_size": 16} for p in (layer, layer.replace("layer/0", "layer/1"))}
+    document["adapter"]["overrides"] = hint
+    (out / CONFIG_NAME).write_text(json.dumps(document))
+    loaded, loaded_params = load_adapter(out, model)
+    np.testing.assert_array_equal(loaded(**inputs, params=loaded_params).logits, expected)

@@ -261,3 +261,61 @@ def test_all_linear_leaves_out_classifier_heads_and_modules_to_save():
         cdvft_jax.inject(
             model, cdvft_jax.CDVFTConfig(target_modules="all-linear", modules_to_save=["roberta", "classifier"])
         )
+
+
+def test_stacked_adapters_generate_each_rows_own_tokens(decoder):
+    _, model = decoder
+    adapted = cdvft_jax.inject(model, cdvft_jax.CDVFTConfig(target_modules="all-linear"))
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
+    adapters = [trained_like(trainable, seed) for seed in (1, 2)]
+    stacked = cdvft_jax.merge_params(cdvft_jax.stack_adapters(adapted, adapters), frozen)
+    ids, mask = token_batch(batch=3, length=5)
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with adapted.intercept(adapted.adapter_rows(stacked, jnp.array([0, 1, -1]))):
+        mixed = np.asarray(model.generate(ids, params=stacked, **settings).sequences)
+    alone = [
+        np.asarray(model.generate(ids, params=adapted.merge(cdvft_jax.merge_params(a, frozen)), **settings).sequences)
+        for a in adapters
+    ]
+    base = np.asarray(model.generate(ids, params=model.params, **settings).sequences)
+    for row, expected in enumerate([alone[0], alone[1], base]):
+        np.testing.assert_array_equal(mixed[row], expected[row], err_msg=f"row {row}")
+    assert not np.array_equal(alone[0], alone[1])  # the two adapters generate differently
+
+
+def test_all_linear_is_case_insensitive_and_combines_with_exclude_modules():
+    model = DECODERS["llama"]()
+    config = cdvft_jax.CDVFTConfig(target_modules="All-Linear", exclude_modules=["mlp/down_proj"])
+    assert config.target_modules == cdvft_jax.ALL_LINEAR
+    adapted = cdvft_jax.inject(model, config)
+    assert set(adapted.layers) == {p for p in kernel_paths(model) if p != "lm_head" and not p.endswith("down_proj")}
+    assert "excluded" in adapted.describe()
+
+
+def test_all_linear_leaves_out_a_masked_lm_decoder():
+    from transformers import BertConfig, FlaxBertForMaskedLM
+
+    model = FlaxBertForMaskedLM(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=48,
+            tie_word_embeddings=False,
+        ),
+        seed=0,
+    )
+    adapted = cdvft_jax.inject(model, cdvft_jax.CDVFTConfig(target_modules="all-linear"))
+    assert "cls/predictions/decoder" in kernel_paths(model)
+    assert set(adapted.layers) == kernel_paths(model) - {"cls/predictions/decoder"}
+
+
+def test_a_conv1d_head_cannot_run_per_row():
+    model = DECODERS["gpt2"]()
+    config = cdvft_jax.CDVFTConfig(target_modules=["c_attn"], modules_to_save=["h/1/mlp/c_proj"])
+    adapted = cdvft_jax.inject(model, config)
+    trainable, frozen = adapted.split(adapted.init(jax.random.key(0), model.params))
+    stacked = cdvft_jax.merge_params(cdvft_jax.stack_adapters(adapted, [trainable, trainable]), frozen)
+    with pytest.raises(ValueError, match=r"per-row heads made of nn.Dense layers only; .*h/1/mlp/c_proj/(kernel|bias)"):
+        adapted.adapter_rows(stacked, jnp.array([0, 1]))

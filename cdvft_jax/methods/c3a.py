@@ -10,7 +10,7 @@ where CDVFT's ``c`` is each block's first column).  There are no diagonals, and
 Against CDVFT this isolates what the diagonals buy: the same circulant
 structure and parameter budget per block, without ``a_in`` / ``a_out``.
 
-The single leaf inside an adapted ``nn.Dense`` scope is ``c3a_kernel``.
+The single leaf inside an adapted linear layer's scope is ``c3a_kernel``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CDVFT as an adapter method: its config and its :class:`AdapterMethod` functions.
 
-Leaf names inside an adapted ``nn.Dense`` scope, for ``num_factors = 2m - 1``:
+Leaf names inside an adapted linear layer's scope, for ``num_factors = 2m - 1``:
 ``cdv_a_in`` (input diagonal), ``cdv_c`` (first circulant, ``d_in -> d_out``),
 then ``cdv_a1, cdv_c2, cdv_a2, cdv_c3, ...`` for the inner factors, and
 ``cdv_a_out`` (output diagonal).  The paper's three factors are

@@ -7,7 +7,7 @@ inverse FFT (``numpy.fft.ifft2`` normalisation, i.e. divided by
 the method prescribes, ``dW`` is rebuilt from the coefficients in every
 forward pass and applied as ``x @ dW``.
 
-The single leaf inside an adapted ``nn.Dense`` scope is ``fourierft_spectrum``
+The single leaf inside an adapted linear layer's scope is ``fourierft_spectrum``
 of shape ``(n,)``.  The positions are not parameters: they follow from
 ``random_loc_seed`` and the layer's shape (:func:`spectral_positions`), so every
 layer of the same shape uses the same positions, as in FourierFT.

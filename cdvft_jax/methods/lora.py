@@ -1,6 +1,6 @@
 """LoRA (Hu et al., 2021) as an adapter method: ``dW = A @ B`` of rank ``r``, scaled by ``alpha / r``.
 
-Leaf names inside an adapted ``nn.Dense`` scope: ``lora_a`` of shape
+Leaf names inside an adapted linear layer's scope: ``lora_a`` of shape
 ``(d_in, r)`` and ``lora_b`` of shape ``(r, d_out)`` (Flax kernel layout, so
 the delta on activations is ``dropout(x) @ lora_a @ lora_b``).  ``lora_a``
 starts like PyTorch's ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in

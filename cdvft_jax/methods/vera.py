@@ -2,7 +2,7 @@
 
 ``dW = A diag(lambda_d) B diag(lambda_b)`` in Flax kernel layout, so the delta
 on activations is ``((dropout(x) @ A) * lambda_d) @ B * lambda_b``.  Leaf names
-inside an adapted ``nn.Dense`` scope:
+inside an adapted linear layer's scope:
 
 * ``vera_lambda_d`` ``(r,)``, trainable, starts at ``d_initial`` (0.1);
 * ``vera_lambda_b`` ``(d_out,)``, trainable, starts at zero, so the adapted
