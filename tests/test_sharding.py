@@ -367,7 +367,7 @@ def worker_results() -> dict[str, str]:
         cwd=TESTS.parent,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     assert proc.returncode == 0 and lines, f"worker failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
