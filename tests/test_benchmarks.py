@@ -185,3 +185,20 @@ def test_lowrank_export_errors_fall_with_the_rank_to_zero_at_full_rank(tmp_path)
         assert 1 > layer["error_at_rank_2"] > layer["error_at_rank_8"] > layer["error_at_rank_32"]
         assert layer["error_at_rank_32"] < 1e-6
         assert layer["rank_for_energy_0.9"] < layer["rank_for_energy_0.99"] <= 32
+
+
+def test_decoder_step_benchmark_times_every_method_on_one_llama(tmp_path):
+    from benchmarks import decoder_step
+
+    out = tmp_path / "decoder.json"
+    decoder_step.main(["--small", "--repeats", "1", "--warmup", "0", "--no-rss", "--json", str(out)])
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["results"]}
+    assert list(rows) == list(decoder_step.METHODS)
+    assert rows["floor"]["ratio_to_floor"] == 1.0 and rows["lora16"]["ratio_to_lora16"] == 1.0
+    # Every method trains on the same model: the floor's one RMSNorm, the adapters on all 14 linear layers.
+    assert rows["floor"]["trainable_params"] == decoder_step.SMALL["hidden_size"]
+    assert rows["lora16"]["trainable_params"] == 2 * rows["lora8"]["trainable_params"]
+    assert 0 < rows["cdvft"]["trainable_params"] < rows["lora8"]["trainable_params"]
+    assert all(r["ms_per_step"] > 0 and r["xla_flops"] for r in rows.values())
+    assert data["machine"]["dtype"] == "float32"
