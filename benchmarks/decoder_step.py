@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +39,16 @@ import numpy as np
 import optax
 
 import cdvft_jax
-from benchmarks.common import REPO_ROOT, SEED, WEIGHT_DECAY, host_info, log
-from benchmarks.step_time import RSS_LAUNCHER, MethodRun, Timing, markdown, peak_rss_mb, summarize, time_methods
+from benchmarks.common import SEED, WEIGHT_DECAY, host_info, log
+from benchmarks.step_time import (
+    MethodRun,
+    Timing,
+    markdown,
+    peak_rss_in_subprocess,
+    peak_rss_mb,
+    summarize,
+    time_methods,
+)
 from cdvft_jax.params import Params, split_params
 from train.cli import Names, check_count, check_names, parse
 
@@ -134,17 +140,12 @@ def rss_only(config: DecoderStepConfig) -> None:
 
 def measure_rss(name: str, config: DecoderStepConfig) -> float:
     """Peak RSS of ``name`` measured in a fresh subprocess."""
-    command = [sys.executable, "-c", RSS_LAUNCHER, sys.executable, "-m", "benchmarks.decoder_step"]
-    command += ["--rss-only", name, "--dtype", config.dtype, "--layers", str(config.layers)]
-    command += ["--batch", str(config.batch), "--seq-len", str(config.seq_len), "--rss-steps", str(config.rss_steps)]
+    flags = ["--rss-only", name, "--dtype", config.dtype, "--layers", str(config.layers)]
+    flags += ["--batch", str(config.batch), "--seq-len", str(config.seq_len), "--rss-steps", str(config.rss_steps)]
     if config.small:
-        command.append("--small")
+        flags.append("--small")
     log(f"peak RSS of {name} (subprocess)")
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"--rss-only {name} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
-    return float(lines[-1])
+    return peak_rss_in_subprocess("benchmarks.decoder_step", flags)
 
 
 def run_benchmark(config: DecoderStepConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:

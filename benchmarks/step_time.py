@@ -201,21 +201,26 @@ def rss_only(method: str, args: StepConfig) -> None:
     print(f"{peak_rss_mb():.1f}")
 
 
-def measure_rss(method: str, args: StepConfig) -> float:
-    """Peak RSS of ``method`` measured in a fresh subprocess."""
-    command = [sys.executable, "-c", RSS_LAUNCHER, sys.executable, "-m", "benchmarks.step_time"]
-    command += ["--rss-only", method, "--model", args.model, "--rss-steps", str(args.rss_steps)]
-    command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
-    if args.layers:
-        command += ["--layers", str(args.layers)]
-    if args.small:
-        command.append("--small")
-    log(f"peak RSS of {method} on {args.model} (subprocess)")
+def peak_rss_in_subprocess(module: str, flags: Sequence[str]) -> float:
+    """Runs ``python -m module *flags`` (a ``--rss-only`` child) in a fresh process; the MiB it prints."""
+    command = [sys.executable, "-c", RSS_LAUNCHER, sys.executable, "-m", module, *flags]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"--rss-only {method} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(flags)} failed with exit code {done.returncode}:\n{done.stderr[-4000:]}")
     return float(lines[-1])
+
+
+def measure_rss(method: str, args: StepConfig) -> float:
+    """Peak RSS of ``method`` measured in a fresh subprocess."""
+    flags = ["--rss-only", method, "--model", args.model, "--rss-steps", str(args.rss_steps)]
+    flags += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    if args.layers:
+        flags += ["--layers", str(args.layers)]
+    if args.small:
+        flags.append("--small")
+    log(f"peak RSS of {method} on {args.model} (subprocess)")
+    return peak_rss_in_subprocess("benchmarks.step_time", flags)
 
 
 def measure_all_rss(args: StepConfig) -> dict[str, float]:
