@@ -313,3 +313,29 @@ def test_a_conv1d_head_cannot_run_per_row():
     stacked = cdvft_jax.merge_params(cdvft_jax.stack_adapters(adapted, [trainable, trainable]), frozen)
     with pytest.raises(ValueError, match=r"per-row heads made of nn.Dense layers only; .*h/1/mlp/c_proj/(kernel|bias)"):
         adapted.adapter_rows(stacked, jnp.array([0, 1]))
+
+
+def test_a_saved_decoder_adapter_exports_to_torch_from_the_command_line(tmp_path):
+    torch = pytest.importorskip(
+        "torch", reason="PyTorch is an optional test dependency; the PyTorch load checks need it"
+    )
+    from transformers import AutoModelForCausalLM
+
+    from cdvft_jax.adapter_io import save_adapter
+    from cdvft_jax.export import main
+
+    model = DECODERS["llama"]()
+    model.save_pretrained(tmp_path / "base")
+    adapted, params = adapted_with_trained_adapter(model, cdvft_jax.CDVFTConfig(target_modules="all-linear"))
+    save_adapter(tmp_path / "adapter", adapted, params, base_model=str(tmp_path / "base"))
+    assert main(["--adapter", str(tmp_path / "adapter"), "--format", "torch", "--out", str(tmp_path / "torch")]) == 0
+    ids, mask = token_batch()
+    expected = np.asarray(adapted(ids, attention_mask=mask, params=params).logits)
+    pt_model = AutoModelForCausalLM.from_pretrained(tmp_path / "torch").eval()
+    with torch.no_grad():
+        got = pt_model(
+            input_ids=torch.tensor(np.asarray(ids), dtype=torch.int64),
+            attention_mask=torch.tensor(np.asarray(mask), dtype=torch.int64),
+        ).logits.numpy()
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(got[real], expected[real], rtol=1e-4, atol=1e-5 * np.abs(expected).max())
