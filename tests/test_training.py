@@ -116,13 +116,21 @@ def test_frozen_weights_are_an_argument_not_a_compiled_constant(setup):
     _, adapted, params, batch, loss_fn, _ = setup
     trainable, frozen = adapted.split(params)
     optimizer = cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=1e-2)
-    step = cdvft_jax.make_train_step(loss_fn, optimizer, donate=False)
+    traces = []
+
+    def counted_loss(params, batch, rng):  # Python runs here only while jax traces the step
+        traces.append(None)
+        return loss_fn(params, batch, rng)
+
+    step = cdvft_jax.make_train_step(counted_loss, optimizer, donate=False)
     state = cdvft_jax.init_train_state(trainable, optimizer)
     _, first = step(state, frozen, batch, jax.random.key(0))
     scaled = jax.tree.map(lambda x: x * 1.5, frozen)
     _, second = step(state, scaled, batch, jax.random.key(0))
     assert float(first["loss"]) != float(second["loss"])
-    assert step._cache_size() == 1  # one executable serves both frozen trees
+    # One trace (so one executable) serves both frozen trees.  Counted in Python rather than with
+    # ``_cache_size()``, which reads jit's C++ fast-path cache: it stayed empty in a full-suite run.
+    assert len(traces) == 1
 
 
 def test_init_train_state_copies_so_donation_spares_the_callers_arrays(setup):
