@@ -44,12 +44,13 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
+import cdvft_jax
 from benchmarks.common import host_info, log
 from train import text
 from train.cli import ConfigError, Floats, Ints, Names, check_count, check_distinct, check_names, check_rate, parse
 from train.data import Example, TaskSpec, find_task
 from train.loop import METHOD_SIZES_FIELDS, Evaluation, RunFiles, TrainData, TrainSettings, train_and_evaluate
-from train.methods import METHODS, default_learning_rate
+from train.methods import ADAPTER_METHODS, METHODS, default_learning_rate
 from train.metrics import compute_metrics
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -222,7 +223,7 @@ def run_one(spec: RunSpec, data: TaskData, budget: TaskBudget, model_path: str, 
         "learning_rate": spec.learning_rate,
         "head_learning_rate": spec.head_learning_rate,
         "alpha": spec.alpha,
-        "overrides": dict(spec.overrides),
+        "overrides": {name: list(v) if isinstance(v, tuple) else v for name, v in spec.overrides},  # as JSON reads back
         "steps": result["steps"],
         "batch_size": batch_size,
         "max_length": budget.max_length,
@@ -346,8 +347,16 @@ class Grid:
         return record
 
 
+def run_overrides(method: str, overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``overrides`` with an adapter method's default ``target_modules`` filled in when none is given, so a
+    run's key names the layers it adapted even after a method's default changes."""
+    if method in ADAPTER_METHODS and "target_modules" not in overrides:
+        overrides = {**overrides, "target_modules": cdvft_jax.method_spec(method).target_modules}
+    return tuple(sorted(overrides.items()))
+
+
 def base_specs(args: SuiteConfig) -> Iterable[RunSpec]:
-    """Every (task, method) at its default rates, before seeds and sweeps are applied."""
+    """Every (task, method) at its default rates and layers, before seeds and sweeps are applied."""
     for task in args.tasks:
         for method in args.methods:
             lr, head_lr = default_rates(method)
@@ -361,7 +370,7 @@ def base_specs(args: SuiteConfig) -> Iterable[RunSpec]:
                 head_lr,
                 args.alpha,
                 args.steps or TASKS[task].steps,
-                tuple(sorted(args.overrides.items())),
+                run_overrides(method, args.overrides),
             )
 
 

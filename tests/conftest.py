@@ -33,6 +33,14 @@ TEXT = dict(
 )
 
 
+# CDVFT's default layers (all-linear) in one block of the tiny models (hidden 32, MLP 64): query, key, value
+# and the attention output (32 x 32: c, a_in and a_out of 32 each) and the MLP's two layers (32 x 64 and
+# 64 x 32: c is two blocks of 32 along the larger side, the diagonals 32 and 64 long).
+TINY_CDVFT_BLOCK = 4 * 3 * 32 + 2 * (2 * 32 + 32 + 64)
+# A tiny BERT classifier adds its pooler (32 x 32) to the layers all-linear adapts.
+TINY_BERT_CDVFT = 2 * TINY_CDVFT_BLOCK + 3 * 32
+
+
 def make_model(family: str, **kwargs):
     """A tiny random model of ``family`` ("roberta", "bert" or "vit"), seeded."""
     if family == "roberta":

@@ -62,12 +62,26 @@ def test_one_record_per_run_with_every_dev_metric(default_grid):
         assert set(r["metrics"]) == expected
         # The reported metrics are the final evaluation's, not the best epoch's.
         assert r["metrics"] == {m: r["evaluations"][-1][m] for m in expected}
+        # The key names the layers an adapter method adapted (CDVFT's default: every linear layer), so
+        # runs recorded before a method's default layers change are not taken for runs after it.
+        layers = {"target_modules": ["all-linear"]} if r["method"] == "cdvft" else {}
+        assert r["overrides"] == layers and ("target_modules=" in r["key"]) == (r["method"] == "cdvft")
     rates = {(r["method"], r["learning_rate"], r["head_learning_rate"]) for r in runs}
     lr, head_lr = accuracy.default_rates("cdvft")
     assert ("cdvft", lr, head_lr) in rates
     # Seeds change the run: another head init and another data order.
     by_seed = {r["seed"]: r["final_train_loss"] for r in runs if r["task"] == "sst2" and r["method"] == "cdvft"}
     assert by_seed[0] != by_seed[1]
+
+
+def test_each_adapter_run_names_its_layers_and_an_override_replaces_the_default():
+    assert accuracy.run_overrides("lora", {}) == (("target_modules", ("query", "value")),)
+    assert accuracy.run_overrides("cdvft", {"weight_decay": 0.1}) == (
+        ("target_modules", ("all-linear",)),
+        ("weight_decay", 0.1),
+    )
+    assert accuracy.run_overrides("cdvft", {"target_modules": ("query",)}) == (("target_modules", ("query",)),)
+    assert accuracy.run_overrides("full", {}) == ()
 
 
 def test_tables_and_plot_are_written(default_grid):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import interrupt_train_step_at
+from conftest import TINY_CDVFT_BLOCK, interrupt_train_step_at
 from PIL import Image
 
 from train import image
@@ -47,8 +47,9 @@ def test_digits_run_writes_what_it_claims(tmp_path, tiny_vit):
         "2",
     )
     assert results["task"] == "digits" and results["method"] == "cdvft"
-    # 2 layers x (query, value) x 3 x 32 adapter numbers + the 10-class head.
-    assert results["trainable_params"] == 2 * 2 * 3 * 32 + 32 * 10 + 10
+    # CDVFT's default layers (every linear layer of the 2 blocks; a ViT classifier has no pooler) + the
+    # 10-class head.
+    assert results["trainable_params"] == 2 * TINY_CDVFT_BLOCK + 32 * 10 + 10
     assert [(r["step"], r["epoch"]) for r in records] == [(0, 0), (4, 1), (8, 2)]
     assert float(results["best"]["accuracy"] * 32).is_integer()
 

@@ -84,6 +84,11 @@ def test_method_defaults_and_flags_reach_the_configs():
     assert (config.rank, config.alpha) == (64, 2.0)
     assert adapter_config("fourierft", TrainSettings(method="fourierft", n_frequency=10)).n_frequency == 10
     assert adapter_config("cdvft", TrainSettings(block_size=16)).block_size == 16
+    # CDVFT adapts every linear layer by default; the baselines query and value, as their papers do.
+    assert adapter_config("cdvft", TrainSettings()).target_modules == cdvft_jax.ALL_LINEAR
+    assert adapter_config("c3a", TrainSettings(method="c3a")).target_modules == ("query", "value")
+    named = adapter_config("cdvft", TrainSettings(target_modules=("query", "value")))
+    assert named.target_modules == ("query", "value")
     c3a = adapter_config("c3a", TrainSettings(method="c3a", block_size=8))
     assert (type(c3a), c3a.block_size) == (cdvft_jax.C3AConfig, 8)
     # Each method gets its own default rate (the documented ones, in the README) unless a flag sets one.

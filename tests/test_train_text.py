@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import interrupt_train_step_at, run_two_cpu_processes, tensorboard_scalars
+from conftest import TINY_BERT_CDVFT, interrupt_train_step_at, run_two_cpu_processes, tensorboard_scalars
 from text_process import MARKER as WRITES_MARKER
 
 import cdvft_jax
@@ -37,8 +37,8 @@ def test_sst2_run_writes_what_it_claims(tmp_path, tiny_model):
     )
     assert results["task"] == "SST-2" and results["method"] == "cdvft" and results["seed"] == 0
     assert results["model"] == str(tiny_model)
-    # 2 layers x (query, value) x 3 x 32 adapter numbers + the classifier (32 x 2 + 2).
-    assert results["trainable_params"] == 2 * 2 * 3 * 32 + 32 * 2 + 2
+    # CDVFT's default layers (every linear layer but the classifier) + the classifier (32 x 2 + 2).
+    assert results["trainable_params"] == TINY_BERT_CDVFT + 32 * 2 + 2
     assert set(results["best"]) == {"accuracy"}
     assert results["train_seconds"] > 0 and results["steps_per_second"] > 0
     assert [(r["step"], r["epoch"]) for r in records] == [(0, 0), (4, 1), (8, 2)]
@@ -59,7 +59,7 @@ def test_sst2_run_writes_what_it_claims(tmp_path, tiny_model):
     assert cdvft_jax.read_adapter_config(adapter)["base_model"] == str(tiny_model)
     fresh = FlaxBertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
     _, params = cdvft_jax.load_adapter(adapter, fresh)
-    assert cdvft_jax.count_params(params) - cdvft_jax.count_params(fresh.params) == 2 * 2 * 3 * 32
+    assert cdvft_jax.count_params(params) - cdvft_jax.count_params(fresh.params) == TINY_BERT_CDVFT
 
 
 @needs_glue
@@ -73,7 +73,7 @@ def test_stsb_is_regression_with_pearson_and_spearman(tmp_path, tiny_model):
     assert set(results["best"]) == {"pearson", "spearmanr"}
     for name, value in results["best"].items():  # constant predictions would give NaN
         assert np.isfinite(value) and -1.0 <= value <= 1.0, (name, value)
-    assert results["trainable_params"] == 2 * 2 * 3 * 32 + 32 * 1 + 1
+    assert results["trainable_params"] == TINY_BERT_CDVFT + 32 * 1 + 1
 
 
 @pytest.mark.parametrize("method", ["head", "full"])

@@ -103,7 +103,9 @@ class TrainSettings(MethodSizes):
       warmup_ratio: share of the steps with a linear warm-up.
       max_steps: stop after this many optimizer steps.
       seed: seeds the head, the adapter, dropout and shuffling.
-      target_modules: the layers the adapter method adapts.
+      target_modules: the layers the adapter method adapts; None is the method's default
+        (:attr:`cdvft_jax.methods.MethodSpec.target_modules`: all-linear for CDVFT, query and value for the
+        other methods).
       head_modules: the modules trained in full (the task head).
     """
 
@@ -116,7 +118,7 @@ class TrainSettings(MethodSizes):
     warmup_ratio: float = 0.06
     max_steps: int | None = None
     seed: int = 0
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] | None = None
     head_modules: tuple[str, ...] = ("classifier",)
 
     def __post_init__(self) -> None:
@@ -447,14 +449,14 @@ def adapter_config(name: str, settings: TrainSettings) -> cdvft_jax.AdapterConfi
     Raises:
       SystemExit: if a value does not make a valid config.
     """
-    targets = settings.target_modules
+    targets = cdvft_jax.method_spec(name).target_modules if settings.target_modules is None else settings.target_modules
     fields = {f: getattr(settings, f) for f in METHOD_SIZES[name] if getattr(settings, f) is not None}
     if settings.alpha is not None:
         fields["alpha"] = settings.alpha
     config_class = cdvft_jax.method_spec(name).config_class
     try:
         return config_class(
-            target_modules=ALL_LINEAR if tuple(targets) == (ALL_LINEAR,) else list(targets),
+            target_modules=ALL_LINEAR if [t.lower() for t in targets] == [ALL_LINEAR] else list(targets),
             modules_to_save=list(settings.head_modules),
             **fields,
         )

@@ -10,9 +10,10 @@ and after each.
     python -m train.text --method lora --rank 8                     # a baseline: any registered method
     python -m train.text --task custom --train-file a.csv --eval-file b.csv --text-columns text --label-column y
 
-Protocol (the paper's, which follows FourierFT's): adapt query and value, train the classifier head in
-full with its own learning rate, AdamW with a linear schedule and 6% warm-up, evaluate on dev after every
-epoch and report the best epoch.  Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per
+Protocol (the paper's, which follows FourierFT's, except for CDVFT's layers): adapt each method's default
+layers (CDVFT every linear layer but the classifier, the baselines query and value; ``--target-modules``),
+train the classifier head in full with its own learning rate, AdamW with a linear schedule and 6% warm-up,
+evaluate on dev after every epoch and report the best epoch.  Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per
 evaluation) and ``results.json``.
 """
 

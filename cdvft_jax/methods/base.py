@@ -173,12 +173,17 @@ class MethodSpec(NamedTuple):
       sizes: the config fields the programs expose as flags.
       paper_settings: ``{model kind: config fields}`` of the papers' settings, e.g.
         ``{"roberta-base": {"rank": 8, "alpha": 8.0}}``, used by the benchmarks.
+      target_modules: the layers the encoder programs (``train.text``, ``train.image``) adapt when no
+        ``--target-modules`` is given: the query and value projections (the papers' GLUE and ViT
+        setting) unless a method states otherwise; ``("all-linear",)`` is every linear layer but the
+        output head (:data:`~cdvft_jax.config.ALL_LINEAR`).
     """
 
     method: AdapterMethod
     config_class: type[AdapterConfig]
     sizes: tuple[SizeSetting, ...] = ()
     paper_settings: Mapping[str, Mapping[str, Any]] = {}
+    target_modules: tuple[str, ...] = ("query", "value")
 
     @property
     def name(self) -> str:
