@@ -22,7 +22,10 @@ Each checkpoint is a step directory written by ``orbax.checkpoint``:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
@@ -51,6 +54,13 @@ class CheckpointWriteError(OSError):
 
 def _is_typed_key(rng: jax.Array) -> bool:
     return jax.numpy.issubdtype(rng.dtype, jax.dtypes.prng_key)
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:  # deleted between listing and stat
+        return None
 
 
 def _rng_tree(rng: jax.Array) -> dict[str, jax.Array]:
@@ -288,12 +298,34 @@ class TrainingCheckpointer:
         except OSError as e:
             if isinstance(e, CheckpointWriteError):
                 raise
+            self._discard_unfinished_steps()
             steps = sorted(self._finalized_steps())
             kept = f"steps {', '.join(map(str, steps))} stay loadable" if steps else "no earlier step was saved"
             raise CheckpointWriteError(
                 f"could not write a checkpoint in {self.directory}: {e}; the step being written is discarded and "
                 f"{kept}. Free space (or fix the folder) and resume."
             ) from e
+
+    def _discard_unfinished_steps(self, quiet_s: float = 2.0, timeout_s: float = 60.0) -> None:
+        # Orbax stops waiting at a save's first failed item, while the other items' array writes go on in
+        # background threads. Deleting the failed step's temporary directory only once nothing has written
+        # into it for quiet_s keeps those writes from racing the next save's cleanup of the same step (a
+        # run resumed in the same process). Past timeout_s it is left to the next checkpointer's cleanup.
+        pattern = os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")
+        deadline, last, quiet_since = time.monotonic() + timeout_s, None, time.monotonic()
+        while (unfinished := glob.glob(pattern)) and time.monotonic() < deadline:
+            files = sorted(
+                (path, stat.st_size, stat.st_mtime_ns)
+                for folder in unfinished
+                for path in glob.glob(os.path.join(glob.escape(folder), "**"), recursive=True)
+                if (stat := _stat_or_none(path)) is not None
+            )
+            if files != last:
+                last, quiet_since = files, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                for folder in unfinished:
+                    shutil.rmtree(folder, ignore_errors=True)
+            time.sleep(0.1)
 
     def _finalized_steps(self) -> list[int]:
         return [int(p) for p in os.listdir(self.directory) if p.isdigit()] if os.path.isdir(self.directory) else []
