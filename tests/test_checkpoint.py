@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +123,63 @@ def test_an_unfinished_step_is_never_restored(run, saved, tmp_path):
         # Saving step 6 again replaces the unfinished one; opening the directory deleted the other.
         assert checkpointer.maybe_save(6, state, rng, position)
     assert sorted(os.listdir(directory)) == ["2", "4", "6"]
+
+
+def _keep_writing(folder: Path, seconds: float, errors: list[BaseException]) -> None:
+    # What orbax's background array writes do after a save's first item failed: more files, for a while.
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            (folder / f"chunk_{time.monotonic_ns()}").write_bytes(b"x" * 64)
+            time.sleep(0.05)
+    except OSError as e:
+        errors.append(e)
+
+
+def _opened_and_cleaned(directory: Path) -> TrainingCheckpointer:
+    # Opening deletes earlier runs' unfinished steps in a background thread; a folder made before that
+    # thread has listed the directory could be deleted by it, so wait until a sentinel is gone.
+    sentinel = directory / f"5{TMP_SUFFIX}-sentinel"
+    sentinel.mkdir()
+    checkpointer = TrainingCheckpointer(directory, save_every=SAVE_EVERY)
+    assert _gone_within(sentinel, seconds=30)
+    return checkpointer
+
+
+def _gone_within(path: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
+def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(tmp_path):
+    unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
+    errors: list[BaseException] = []
+    writer = threading.Thread(target=_keep_writing, args=(unfinished, 1.0, errors))
+    with _opened_and_cleaned(tmp_path) as checkpointer:
+        unfinished.mkdir()
+        writer.start()
+        checkpointer._discard_unfinished_steps(quiet_s=0.3, timeout_s=30.0)
+        writer_still_running = writer.is_alive()
+        writer.join()
+    assert not writer_still_running and errors == []  # deleted after the last write, never under it
+    assert not unfinished.exists()
+
+
+def test_a_step_still_being_written_at_the_timeout_is_left_to_the_next_cleanup(tmp_path):
+    unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
+    errors: list[BaseException] = []
+    writer = threading.Thread(target=_keep_writing, args=(unfinished, 2.0, errors))
+    with _opened_and_cleaned(tmp_path) as checkpointer:
+        unfinished.mkdir()
+        writer.start()
+        checkpointer._discard_unfinished_steps(quiet_s=0.3, timeout_s=0.5)
+        assert unfinished.is_dir() and writer.is_alive()
+        writer.join()
+    assert errors == []
+    with TrainingCheckpointer(tmp_path, save_every=SAVE_EVERY):
+        assert _gone_within(unfinished, seconds=30)  # opening the directory again deletes it, as for a killed run
 
 
 def _empty(step_dir: Path) -> None:
