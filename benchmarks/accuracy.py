@@ -312,8 +312,7 @@ def main_metric(task: str) -> str:
 
 def score(record: dict[str, Any]) -> float:
     """The run's main metric; an undefined correlation (a constant prediction) counts as 0."""
-    value = record["metrics"][record["main_metric"]]
-    return 0.0 if value is None or math.isnan(value) else value
+    return _finite_or_zero(record["metrics"][record["main_metric"]])
 
 
 class Grid:
@@ -486,8 +485,27 @@ def trainable_params(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[s
     return {k: rs[0]["trainable_params"] for k, rs in records.items() if rs}
 
 
+def dev_curves(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """The main dev metric of each (task, method) at every evaluated step (0: before training), mean over
+    seeds; steps that not every seed evaluated are left out."""
+    curves = {}
+    for key, rs in records.items():
+        if not rs:
+            continue
+        at_step = [{e["step"]: e for e in r["evaluations"]} for r in rs]
+        steps = sorted(set.intersection(*(set(s) for s in at_step)))
+        metric = rs[0]["main_metric"]
+        curves[key] = [(step, statistics.fmean(_finite_or_zero(s[step][metric]) for s in at_step)) for step in steps]
+    return curves
+
+
+def _finite_or_zero(value: float | None) -> float:
+    return 0.0 if value is None or math.isnan(value) else value
+
+
 def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], sweep: bool) -> str:
-    """The methods x tasks table (mean +- std over seeds), the goals of issue 10, and the sweep's trials."""
+    """The methods x tasks table (mean +- std over seeds), the goals of issue 10, the sweep's trials and
+    each task's dev curves."""
     records = reported(runs, chosen)
     scores, params = dev_scores(records), trainable_params(records)
     header = [f"{t} ({main_metric(t)})" for t in tasks]
@@ -516,6 +534,14 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
         lines.append("| task | cdvft - lora (>= -0.5) | cdvft - head (>= 3) | cdvft - full (>= -2) |")
         lines.append("|---|---:|---:|---:|")
         lines += goals
+    curves = dev_curves(records)
+    for task in tasks:
+        rows = [(m, curves[task, m]) for m in methods if (task, m) in curves]
+        if not rows:
+            continue
+        lines += ["", f"{task}: dev {main_metric(task)} x 100 at each evaluated step (mean over seeds; 0: before):", ""]
+        lines += ["| method | steps: score |", "|---|---|"]
+        lines += [f"| {m} | " + ", ".join(f"{step}: {100 * v:.1f}" for step, v in curve) + " |" for m, curve in rows]
     return "\n".join(lines)
 
 
@@ -548,15 +574,25 @@ def goal_rows(scores: dict, tasks: Sequence[str]) -> list[str]:
 
 
 def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], path: Path) -> None:
-    """Each method's dev score (mean, std bars) against its trainable parameters, one panel per task."""
+    """One column per task: each method's dev score (mean, std bars) against its trainable parameters, and
+    under it each method's dev curve (the main metric at every evaluated step, mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = reported(runs, chosen)
-    scores, params = dev_scores(records), trainable_params(records)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    scores, params, curves = dev_scores(records), trainable_params(records), dev_curves(records)
+    figure, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 7.2), squeeze=False)
+    for axis, task in zip(axes[1], tasks, strict=True):
+        for method in methods:
+            if (task, method) in curves:
+                steps, values = zip(*curves[task, method], strict=True)
+                axis.plot(steps, [100 * v for v in values], "o-", color=f"C{methods.index(method)}", label=method)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(f"dev {main_metric(task)} x 100 (mean over seeds)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     for axis, task in zip(axes[0], tasks, strict=True):
         for method in methods:
             values = scores.get((task, method))

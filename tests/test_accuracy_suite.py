@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import accuracy
@@ -91,6 +92,19 @@ def test_tables_and_plot_are_written(default_grid):
     assert "+-" in table and "(n=2)" in table
     assert "cdvft - head" in table
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_task_shows_every_methods_dev_curve_averaged_over_seeds(default_grid):
+    _, data, path = default_grid
+    table = path.with_suffix(".md").read_text()
+    for task, metric in (("sst2", "accuracy"), ("stsb", "pearson")):
+        assert f"{task}: dev {metric} x 100 at each evaluated step" in table
+        for method in ("cdvft", "head"):
+            runs = [r for r in data["runs"] if r["task"] == task and r["method"] == method]
+            curve = np.mean([[e[metric] for e in r["evaluations"]] for r in runs], axis=0)
+            steps = [e["step"] for e in runs[0]["evaluations"]]
+            expected = ", ".join(f"{step}: {100 * v:.1f}" for step, v in zip(steps, curve, strict=True))
+            assert f"| {method} | {expected} |" in table
 
 
 def test_a_rerun_skips_every_recorded_run(default_grid, monkeypatch):
