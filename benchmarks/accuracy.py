@@ -13,8 +13,8 @@ Each run is :func:`train.loop.train_and_evaluate`, the programs' own loop, on a 
 scored by the dev metrics of its *final* step: no epoch is picked on dev.  The JSON holds one record per run
 and is rewritten after each, so the grid can be stopped at any point and a re-run skips the runs already
 there (a run is identified by task, method, split, seed, rates, alpha, steps and overrides).  Markdown tables
-of mean +- std over seeds go to stdout and next to the JSON (``.md``), with a plot of each method's dev score
-against its trainable parameters (``.png``).
+of mean +- std over seeds and of each task's dev curves go to stdout and next to the JSON (``.md``), with a
+plot of each method's dev score against its trainable parameters above its dev curves (``.png``).
 
 Modes
 -----
