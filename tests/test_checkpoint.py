@@ -156,11 +156,11 @@ def _gone_within(path: Path, seconds: float) -> bool:
 def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(tmp_path):
     unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
     errors: list[BaseException] = []
-    writer = threading.Thread(target=_keep_writing, args=(unfinished, 1.0, errors))
+    writer = threading.Thread(target=_keep_writing, args=(unfinished, 1.5, errors))
     with _opened_and_cleaned(tmp_path) as checkpointer:
         unfinished.mkdir()
         writer.start()
-        checkpointer._discard_unfinished_steps(quiet_s=0.3, timeout_s=30.0)
+        checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=30.0)
         writer_still_running = writer.is_alive()
         writer.join()
     assert not writer_still_running and errors == []  # deleted after the last write, never under it
@@ -170,11 +170,11 @@ def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(t
 def test_a_step_still_being_written_at_the_timeout_is_left_to_the_next_cleanup(tmp_path):
     unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
     errors: list[BaseException] = []
-    writer = threading.Thread(target=_keep_writing, args=(unfinished, 2.0, errors))
+    writer = threading.Thread(target=_keep_writing, args=(unfinished, 3.0, errors))
     with _opened_and_cleaned(tmp_path) as checkpointer:
         unfinished.mkdir()
         writer.start()
-        checkpointer._discard_unfinished_steps(quiet_s=0.3, timeout_s=0.5)
+        checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=0.5)
         assert unfinished.is_dir() and writer.is_alive()
         writer.join()
     assert errors == []
