@@ -125,25 +125,26 @@ def test_an_unfinished_step_is_never_restored(run, saved, tmp_path):
     assert sorted(os.listdir(directory)) == ["2", "4", "6"]
 
 
-def _keep_writing(folder: Path, seconds: float, errors: list[BaseException]) -> None:
-    # What orbax's background array writes do after a save's first item failed: more files, for a while.
-    try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            (folder / f"chunk_{time.monotonic_ns()}").write_bytes(b"x" * 64)
-            time.sleep(0.05)
-    except OSError as e:
-        errors.append(e)
+class _BackgroundWriter(threading.Thread):
+    """What orbax's background array writes do after a save's first item failed: more files, for a while."""
 
+    def __init__(self, folder: Path, seconds: float) -> None:
+        super().__init__()
+        self.folder, self.seconds = folder, seconds
+        self.errors: list[OSError] = []
+        self.writing = threading.Event()  # set after the first write, so no test races the thread's start
 
-def _opened_and_cleaned(directory: Path) -> TrainingCheckpointer:
-    # Opening deletes earlier runs' unfinished steps in a background thread; a folder made before that
-    # thread has listed the directory could be deleted by it, so wait until a sentinel is gone.
-    sentinel = directory / f"5{TMP_SUFFIX}-sentinel"
-    sentinel.mkdir()
-    checkpointer = TrainingCheckpointer(directory, save_every=SAVE_EVERY)
-    assert _gone_within(sentinel, seconds=30)
-    return checkpointer
+    def run(self) -> None:
+        try:
+            end = time.monotonic() + self.seconds
+            while time.monotonic() < end:
+                (self.folder / f"chunk_{time.monotonic_ns()}").write_bytes(b"x" * 64)
+                self.writing.set()
+                time.sleep(0.05)
+        except OSError as e:
+            self.errors.append(e)
+        finally:
+            self.writing.set()
 
 
 def _gone_within(path: Path, seconds: float) -> bool:
@@ -153,32 +154,43 @@ def _gone_within(path: Path, seconds: float) -> bool:
     return not path.exists()
 
 
-def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(tmp_path):
-    unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
-    errors: list[BaseException] = []
-    writer = threading.Thread(target=_keep_writing, args=(unfinished, 1.5, errors))
-    with _opened_and_cleaned(tmp_path) as checkpointer:
+@pytest.fixture
+def checkpointer_with_a_failed_step(tmp_path):
+    """An open checkpointer and the temporary folder of a step whose save failed (created after opening:
+    opening deletes earlier runs' unfinished steps in a background thread, so first wait for a sentinel
+    to be gone)."""
+    sentinel = tmp_path / f"5{TMP_SUFFIX}-sentinel"
+    sentinel.mkdir()
+    with TrainingCheckpointer(tmp_path, save_every=SAVE_EVERY) as checkpointer:
+        assert _gone_within(sentinel, seconds=30)
+        unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
         unfinished.mkdir()
-        writer.start()
-        checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=30.0)
-        writer_still_running = writer.is_alive()
-        writer.join()
-    assert not writer_still_running and errors == []  # deleted after the last write, never under it
+        yield checkpointer, unfinished
+
+
+def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(checkpointer_with_a_failed_step):
+    checkpointer, unfinished = checkpointer_with_a_failed_step
+    writer = _BackgroundWriter(unfinished, seconds=1.5)
+    writer.start()
+    writer.writing.wait()
+    checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=30.0)
+    writer_still_running = writer.is_alive()
+    writer.join()
+    assert not writer_still_running and writer.errors == []  # deleted after the last write, never under it
     assert not unfinished.exists()
 
 
-def test_a_step_still_being_written_at_the_timeout_is_left_to_the_next_cleanup(tmp_path):
-    unfinished = tmp_path / f"6{TMP_SUFFIX}-1234"
-    errors: list[BaseException] = []
-    writer = threading.Thread(target=_keep_writing, args=(unfinished, 3.0, errors))
-    with _opened_and_cleaned(tmp_path) as checkpointer:
-        unfinished.mkdir()
-        writer.start()
-        checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=0.5)
-        assert unfinished.is_dir() and writer.is_alive()
-        writer.join()
-    assert errors == []
-    with TrainingCheckpointer(tmp_path, save_every=SAVE_EVERY):
+def test_a_step_still_being_written_at_the_timeout_is_left_to_the_next_cleanup(checkpointer_with_a_failed_step):
+    checkpointer, unfinished = checkpointer_with_a_failed_step
+    # Quiet for 1 s would be enough to delete it within the 2.5 s timeout; only the writes keep it.
+    writer = _BackgroundWriter(unfinished, seconds=5.0)
+    writer.start()
+    writer.writing.wait()
+    checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=2.5)
+    assert unfinished.is_dir() and writer.is_alive()
+    writer.join()
+    assert writer.errors == []
+    with TrainingCheckpointer(unfinished.parent, save_every=SAVE_EVERY):
         assert _gone_within(unfinished, seconds=30)  # opening the directory again deletes it, as for a killed run
 
 
