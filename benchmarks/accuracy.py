@@ -77,7 +77,9 @@ class TaskBudget:
 
 TASKS: dict[str, TaskBudget] = {
     "sst2": TaskBudget("sst2", "SST-2", steps=300, max_length=64),
-    "cola": TaskBudget("cola", "CoLA", steps=300, max_length=64),
+    # 4.5 epochs: in 300 steps no method, full fine-tuning included, leaves the majority class on CoLA
+    # (benchmarks/NOTES.md); the issue asks for a budget in which full fine-tuning clearly learns the task.
+    "cola": TaskBudget("cola", "CoLA", steps=1200, max_length=64),
     "stsb": TaskBudget("stsb", "STS-B", steps=300, max_length=128),
     "qnli": TaskBudget("qnli", "QNLI", steps=300, max_length=128),
     "tweets": TaskBudget("tweets", None, steps=300, max_length=64, max_eval_samples=1000),
@@ -261,12 +263,17 @@ def model_fingerprint(folder: str) -> str:
 
 
 def setup_of(args: SuiteConfig) -> dict[str, Any]:
-    """What every run of a JSON shares beyond its key: the model, the batch, the data and the task budgets."""
+    """What every run of a JSON shares beyond its key: the model, the batch, the data and the tasks' data
+    settings.  Step budgets are left out: each run's key names its steps, so a task's budget can change
+    without locking the records made at the old one (they stay, under their own keys)."""
     return {
         "model": model_fingerprint(args.model),
         "batch_size": args.batch_size,
         "max_train_samples": args.max_train_samples,
-        "tasks": {name: dataclasses.asdict(budget) for name, budget in TASKS.items()},
+        "tasks": {
+            name: {k: v for k, v in dataclasses.asdict(budget).items() if k != "steps"}
+            for name, budget in TASKS.items()
+        },
     }
 
 
@@ -274,7 +281,7 @@ class Suite:
     """The grid's records, kept in one JSON file that is rewritten after every run.
 
     The file also holds the :func:`setup_of` its runs share; resuming it with another setup (another
-    model, batch size, training subset or task budget) is an error rather than a mix of two grids.
+    model, batch size, training subset or a task's data settings) is an error rather than a mix of two grids.
     """
 
     def __init__(self, path: Path, command: str, setup: dict[str, Any]) -> None:
@@ -486,21 +493,25 @@ def trainable_params(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[s
 
 
 def dev_curves(records: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """The main dev metric of each (task, method) at every evaluated step (0: before training), mean over
-    seeds; steps that not every seed evaluated are left out."""
+    """The main dev metric of each (task, method) at every evaluated step (step 0: before training), mean
+    over seeds, an undefined value counting as 0 (as in :func:`score`).  Steps that not every seed evaluated
+    are left out; a (task, method) with no step common to its seeds, or a record without evaluations, has
+    no curve."""
     curves = {}
     for key, rs in records.items():
-        if not rs:
-            continue
-        at_step = [{e["step"]: e for e in r["evaluations"]} for r in rs]
-        steps = sorted(set.intersection(*(set(s) for s in at_step)))
-        metric = rs[0]["main_metric"]
-        curves[key] = [(step, statistics.fmean(_finite_or_zero(s[step][metric]) for s in at_step)) for step in steps]
+        at_step = [{e["step"]: e for e in r.get("evaluations", ())} for r in rs]
+        steps = sorted(set.intersection(*(set(s) for s in at_step))) if at_step else []
+        if steps:
+            metric = rs[0]["main_metric"]
+            curves[key] = [
+                (step, statistics.fmean(_finite_or_zero(s[step][metric]) for s in at_step)) for step in steps
+            ]
     return curves
 
 
 def _finite_or_zero(value: float | None) -> float:
-    return 0.0 if value is None or math.isnan(value) else value
+    """``value``, or 0 for an undefined metric (a correlation of constant predictions: None, NaN or inf)."""
+    return 0.0 if value is None or not math.isfinite(value) else value
 
 
 def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequence[str], sweep: bool) -> str:
@@ -539,7 +550,12 @@ def markdown(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: 
         rows = [(m, curves[task, m]) for m in methods if (task, m) in curves]
         if not rows:
             continue
-        lines += ["", f"{task}: dev {main_metric(task)} x 100 at each evaluated step (mean over seeds; 0: before):", ""]
+        lines += [
+            "",
+            f"{task}: dev {main_metric(task)} x 100 at each evaluated step (mean over the seeds above; "
+            "step 0: before training):",
+            "",
+        ]
         lines += ["| method | steps: score |", "|---|---|"]
         lines += [f"| {m} | " + ", ".join(f"{step}: {100 * v:.1f}" for step, v in curve) + " |" for m, curve in rows]
     return "\n".join(lines)
@@ -592,7 +608,10 @@ def plot(runs: Sequence[dict], chosen: dict, tasks: Sequence[str], methods: Sequ
         axis.set_xlabel("optimizer step")
         axis.set_ylabel(f"dev {main_metric(task)} x 100 (mean over seeds)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+        else:
+            axis.text(0.5, 0.5, "no dev runs", transform=axis.transAxes, ha="center")
     for axis, task in zip(axes[0], tasks, strict=True):
         for method in methods:
             values = scores.get((task, method))

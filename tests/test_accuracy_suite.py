@@ -1,5 +1,6 @@
 """The accuracy suite (``python -m benchmarks.accuracy``) end to end on a tiny BERT and the real GLUE files."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -101,10 +102,43 @@ def test_each_task_shows_every_methods_dev_curve_averaged_over_seeds(default_gri
         assert f"{task}: dev {metric} x 100 at each evaluated step" in table
         for method in ("cdvft", "head"):
             runs = [r for r in data["runs"] if r["task"] == task and r["method"] == method]
-            curve = np.mean([[e[metric] for e in r["evaluations"]] for r in runs], axis=0)
             steps = [e["step"] for e in runs[0]["evaluations"]]
+            assert all([e["step"] for e in r["evaluations"]] == steps for r in runs)
+            # An undefined correlation (constant predictions) counts as 0, as in the score table.
+            values = np.nan_to_num(
+                [[np.nan if e[metric] is None else e[metric] for e in r["evaluations"]] for r in runs]
+            )
+            curve = values.mean(axis=0)
             expected = ", ".join(f"{step}: {100 * v:.1f}" for step, v in zip(steps, curve, strict=True))
             assert f"| {method} | {expected} |" in table
+
+
+def _record(seed, evaluations):
+    return {"main_metric": "pearson", "seed": seed, "evaluations": [{"step": k, "pearson": v} for k, v in evaluations]}
+
+
+def test_dev_curves_average_the_steps_every_seed_evaluated_and_count_undefined_values_as_zero():
+    records = {
+        ("stsb", "cdvft"): [_record(0, [(0, None), (5, 0.2), (9, 0.6)]), _record(1, [(0, 0.1), (9, 0.8), (12, 0.9)])],
+        ("stsb", "head"): [_record(0, [(0, float("nan")), (9, 0.3)])],
+        ("stsb", "lora"): [_record(0, [(3, 0.5)]), _record(1, [(4, 0.5)])],  # no step in common: no curve
+        ("stsb", "full"): [],
+    }
+    curves = accuracy.dev_curves(records)
+    assert curves.keys() == {("stsb", "cdvft"), ("stsb", "head")}
+    for key, expected in ((("stsb", "cdvft"), [(0, 0.05), (9, 0.7)]), (("stsb", "head"), [(0, 0.0), (9, 0.3)])):
+        assert [step for step, _ in curves[key]] == [step for step, _ in expected]
+        assert [value for _, value in curves[key]] == pytest.approx([value for _, value in expected])
+
+
+def test_a_tasks_step_budget_can_change_without_locking_its_records(default_grid, monkeypatch):
+    argv, data, _ = default_grid
+    sst2 = accuracy.TASKS["sst2"]
+    monkeypatch.setitem(accuracy.TASKS, "sst2", dataclasses.replace(sst2, steps=sst2.steps + 1))
+    assert accuracy.main([*argv, "--report-only"])["runs"] == data["runs"]  # runs are keyed by their steps
+    monkeypatch.setitem(accuracy.TASKS, "sst2", dataclasses.replace(sst2, max_length=sst2.max_length + 1))
+    with pytest.raises(SystemExit, match=r"another setup.*tasks"):  # the data changed: another grid
+        accuracy.main([*argv, "--report-only"])
 
 
 def test_a_rerun_skips_every_recorded_run(default_grid, monkeypatch):
@@ -186,6 +220,7 @@ def test_the_sweep_follows_validation_even_when_dev_disagrees(tmp_path, tiny_mod
             "learning_rate": spec.learning_rate,
             "main_metric": "accuracy",
             "metrics": {"accuracy": value + spec.seed / 100},
+            "evaluations": [{"step": 0, "accuracy": 0.5}, {"step": spec.steps, "accuracy": value + spec.seed / 100}],
             "trainable_params": 1,
         }
 
