@@ -168,12 +168,20 @@ def checkpointer_with_a_failed_step(tmp_path):
         yield checkpointer, unfinished
 
 
-def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(checkpointer_with_a_failed_step):
+def _discard_while_writing(checkpointer_with_a_failed_step, writing_s: float, timeout_s: float) -> _BackgroundWriter:
+    """Discards the failed step while a writer keeps writing into it for ``writing_s``; returns the writer,
+    still running or not, as the discard left it."""
     checkpointer, unfinished = checkpointer_with_a_failed_step
-    writer = _BackgroundWriter(unfinished, seconds=1.5)
+    writer = _BackgroundWriter(unfinished, seconds=writing_s)
     writer.start()
     writer.writing.wait()
-    checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=30.0)
+    checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=timeout_s)
+    return writer
+
+
+def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(checkpointer_with_a_failed_step):
+    _, unfinished = checkpointer_with_a_failed_step
+    writer = _discard_while_writing(checkpointer_with_a_failed_step, writing_s=1.5, timeout_s=30.0)
     writer_still_running = writer.is_alive()
     writer.join()
     assert not writer_still_running and writer.errors == []  # deleted after the last write, never under it
@@ -181,12 +189,9 @@ def test_a_failed_step_is_deleted_only_once_its_background_writes_have_stopped(c
 
 
 def test_a_step_still_being_written_at_the_timeout_is_left_to_the_next_cleanup(checkpointer_with_a_failed_step):
-    checkpointer, unfinished = checkpointer_with_a_failed_step
+    _, unfinished = checkpointer_with_a_failed_step
     # Quiet for 1 s would be enough to delete it within the 2.5 s timeout; only the writes keep it.
-    writer = _BackgroundWriter(unfinished, seconds=5.0)
-    writer.start()
-    writer.writing.wait()
-    checkpointer._discard_unfinished_steps(quiet_s=1.0, timeout_s=2.5)
+    writer = _discard_while_writing(checkpointer_with_a_failed_step, writing_s=5.0, timeout_s=2.5)
     assert unfinished.is_dir() and writer.is_alive()
     writer.join()
     assert writer.errors == []
