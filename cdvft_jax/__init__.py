@@ -11,7 +11,8 @@ The public API:
 * adapting a model: :func:`inject` -> :class:`AdaptedModel` (``init``,
   ``split``, ``merge``, ``unmerge``, ``summary``, ``describe``), and
   :class:`CDVDense` for models you write yourself;
-* training: :func:`adapter_optimizer`, :func:`single_tree_optimizer`,
+* training: :func:`adapter_optimizer` (with :func:`warmup_linear_decay`, the recipe's schedule),
+  :func:`single_tree_optimizer`,
   :func:`make_train_step`, :func:`make_eval_step`, :class:`TrainState`;
 * files: :func:`save_adapter`, :func:`load_adapter` (a few-hundred-KB adapter folder),
   :class:`TrainingCheckpointer` (Orbax checkpoints of the trainable state; resume);
@@ -70,12 +71,14 @@ from cdvft_jax.params import NonFiniteError, check_finite, count_params, merge_p
 from cdvft_jax.peft_lora import LayerExport, save_peft_lora
 from cdvft_jax.stacking import adapter_difference, stack_adapters
 from cdvft_jax.training import (
+    WARMUP_RATIO,
     TrainState,
     adapter_optimizer,
     init_train_state,
     make_eval_step,
     make_train_step,
     single_tree_optimizer,
+    warmup_linear_decay,
 )
 
 __all__ = [
@@ -90,6 +93,7 @@ __all__ = [
     "LORA",
     "LayerExport",
     "VERA",
+    "WARMUP_RATIO",
     "AdaptedLayer",
     "AdaptedModel",
     "AdapterConfig",
@@ -150,4 +154,5 @@ __all__ = [
     "padded_block_sizes",
     "valid_block_sizes",
     "vera_projections",
+    "warmup_linear_decay",
 ]

@@ -127,15 +127,3 @@ def test_each_method_steps_at_its_own_learning_rate(method, prefix):
     assert second_update(1e-3) == pytest.approx((1e-3, 1e-3), rel=1e-4)
     expected = DOCUMENTED_RATES[method]
     assert second_update(None) == pytest.approx((expected, expected), rel=1e-4)
-
-
-def test_the_schedule_warms_up_linearly_then_decays_linearly_to_zero():
-    from train.methods import schedule
-
-    peak, total = 2e-3, 100
-    rates = schedule(peak, total, warmup_ratio=0.06)  # 6 warm-up steps, then 94 of decay
-    expected = {0: 0.0, 3: peak / 2, 6: peak, 53: peak / 2, 99: peak / 94, 100: 0.0}
-    for step, rate in expected.items():
-        assert float(rates(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
-    # Without warm-up the first step is at the peak (one step is the minimum the schedule takes).
-    assert float(schedule(peak, total, warmup_ratio=0.0)(1)) == pytest.approx(peak, rel=1e-6)

@@ -188,3 +188,49 @@ def test_the_step_reports_whether_loss_and_updated_weights_are_finite(setup):
     flat[leaf] = flat[leaf].at[0].set(np.nan)
     _, metrics = step(cdvft_jax.init_train_state(unflat_params(flat), optimizer), frozen, batch, None)
     assert not bool(metrics["finite"])
+
+
+def test_the_schedule_warms_up_linearly_then_decays_linearly_to_zero():
+    peak, total = 2e-3, 100
+    rates = cdvft_jax.warmup_linear_decay(peak, total)  # the default 6%: 6 warm-up steps, then 94 of decay
+    expected = {0: 0.0, 3: peak / 2, 6: peak, 53: peak / 2, 99: peak / 94, 100: 0.0}
+    for step, rate in expected.items():
+        assert float(rates(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
+    # Without warm-up the first step is at the peak (one step is the minimum the schedule takes).
+    assert float(cdvft_jax.warmup_linear_decay(peak, total, warmup_ratio=0.0)(1)) == pytest.approx(peak, rel=1e-6)
+    for total_steps, ratio in [(0, 0.06), (10.0, 0.06), (10, 1.0), (10, -0.1)]:
+        with pytest.raises(ValueError):
+            cdvft_jax.warmup_linear_decay(peak, total_steps, ratio)
+
+
+def test_total_steps_schedules_both_groups_with_the_recipe(setup):
+    """With no moment averaging (b1 = b2 = 0) Adam's update is the step's rate times g / |g|, so under a gradient
+    of ones each step's update is minus the scheduled rate, checked against the formula written out here."""
+    _, adapted, params, _, _, _ = setup
+    trainable, _ = adapted.split(params)
+    total, warmup, adapter_peak, head_peak = 20, 2, 4e-2, 1e-3
+    optimizer = cdvft_jax.adapter_optimizer(
+        adapted,
+        adapter_learning_rate=adapter_peak,
+        head_learning_rate=head_peak,
+        total_steps=total,
+        warmup_ratio=0.1,
+        b1=0.0,
+        b2=0.0,
+    )
+    state = optimizer.init(trainable)
+    gradient = jax.tree_util.tree_map(np.ones_like, trainable)
+    adapter_leaf, head_leaf = "roberta/encoder/layer/0/attention/self/query/cdv_c", "classifier/out_proj/bias"
+    for step in range(total + 2):
+        updates, state = optimizer.update(gradient, state, trainable)
+        share = step / warmup if step < warmup else max(0.0, 1 - (step - warmup) / (total - warmup))
+        for leaf, peak in [(adapter_leaf, adapter_peak), (head_leaf, head_peak)]:
+            np.testing.assert_allclose(
+                -flat_params(updates)[leaf], peak * share, rtol=1e-5, atol=1e-12, err_msg=f"{leaf}, step {step}"
+            )
+
+
+def test_total_steps_refuses_a_schedule_as_a_rate(setup):
+    _, adapted, _, _, _, _ = setup
+    with pytest.raises(ValueError, match="give numbers"):
+        cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=optax.constant_schedule(1e-3), total_steps=10)

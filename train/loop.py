@@ -52,7 +52,6 @@ from train.methods import (
     build_method,
     classification_objective,
     default_learning_rate,
-    schedule,
 )
 from train.runtime import make_runtime
 
@@ -115,7 +114,7 @@ class TrainSettings(MethodSizes):
     head_learning_rate: float = HEAD_LEARNING_RATE
     alpha: float | None = None
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = cdvft_jax.WARMUP_RATIO
     max_steps: int | None = None
     seed: int = 0
     target_modules: tuple[str, ...] | None = None
@@ -470,13 +469,17 @@ def setup_method(
     """:func:`~train.methods.build_method` for method ``name`` with ``settings``' rates, schedule and sizes
     (``frozen_dtype``: the dtype the frozen base weights are stored in, ``None`` as loaded)."""
     peak = default_learning_rate(name) if settings.learning_rate is None else settings.learning_rate
+
+    def scheduled(rate: float) -> Any:
+        return cdvft_jax.warmup_linear_decay(rate, total_steps, settings.warmup_ratio)
+
     return build_method(
         name,
         model,
         config=adapter_config(name, settings) if name in ADAPTER_METHODS else None,
         head_modules=settings.head_modules,
-        learning_rate=schedule(peak, total_steps, settings.warmup_ratio),
-        head_learning_rate=schedule(settings.head_learning_rate, total_steps, settings.warmup_ratio),
+        learning_rate=scheduled(peak),
+        head_learning_rate=scheduled(settings.head_learning_rate),
         weight_decay=settings.weight_decay,
         seed=settings.seed,
         frozen_dtype=frozen_dtype,

@@ -50,7 +50,6 @@ __all__ = [
     "make_predict",
     "make_token_nll",
     "prompt_lengths",
-    "schedule",
     "store_frozen",
     "token_nll",
 ]
@@ -109,23 +108,6 @@ class MethodSetup(NamedTuple):
     optimizer: optax.GradientTransformation
     describe: str
     adapted: cdvft_jax.AdaptedModel | None = None
-
-
-def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps (at least one), then linear decay to zero.
-
-    >>> rates = schedule(1.0, total_steps=10, warmup_ratio=0.2)
-    >>> [round(float(rates(step)), 3) for step in (0, 1, 2, 6, 10)]
-    [0.0, 0.5, 1.0, 0.5, 0.0]
-    """
-    warmup = max(1, round(warmup_ratio * total_steps))
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, warmup),
-            optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup)),
-        ],
-        [warmup],
-    )
 
 
 def head_predicate(head_modules: Sequence[str]) -> Callable[[str], bool]:

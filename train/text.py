@@ -13,8 +13,8 @@ and after each.
 Protocol (the paper's, which follows FourierFT's, except for CDVFT's layers): adapt each method's default
 layers (CDVFT every linear layer but the classifier, the baselines query and value; ``--target-modules``),
 train the classifier head in full with its own learning rate, AdamW with a linear schedule and 6% warm-up,
-evaluate on dev after every epoch and report the best epoch.  Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per
-evaluation) and ``results.json``.
+evaluate on dev after every epoch and report the best epoch.  Outputs in ``--output-dir``: ``metrics.jsonl``
+(one JSON object per evaluation) and ``results.json``.
 """
 
 from __future__ import annotations
