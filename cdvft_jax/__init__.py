@@ -11,7 +11,8 @@ The public API:
 * adapting a model: :func:`inject` -> :class:`AdaptedModel` (``init``,
   ``split``, ``merge``, ``unmerge``, ``summary``, ``describe``), and
   :class:`CDVDense` for models you write yourself;
-* training: :func:`adapter_optimizer` (with :func:`warmup_linear_decay`, the recipe's schedule),
+* training: :func:`adapter_optimizer` (with :func:`warmup_linear_decay`, the recipe's schedule, and its
+  default :data:`WARMUP_RATIO`),
   :func:`single_tree_optimizer`,
   :func:`make_train_step`, :func:`make_eval_step`, :class:`TrainState`;
 * files: :func:`save_adapter`, :func:`load_adapter` (a few-hundred-KB adapter folder),

@@ -21,6 +21,7 @@ as slow as full fine-tuning (measured on this project's CPU):
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from cdvft_jax.injection import AdaptedModel
 from cdvft_jax.params import Params, merge_params
 
 __all__ = [
+    "WARMUP_RATIO",
     "TrainState",
     "adapter_optimizer",
     "init_train_state",
@@ -49,17 +51,18 @@ the accuracy suite (``benchmarks/NOTES.md``) was measured with, as in the RoBERT
 
 
 def warmup_linear_decay(peak: float, total_steps: int, warmup_ratio: float = WARMUP_RATIO) -> optax.Schedule:
-    """Linear warm-up from 0 to ``peak`` over ``warmup_ratio`` of the steps (at least one), then linear decay
-    to zero at ``total_steps``: the recipe's schedule, for :func:`adapter_optimizer` ``(total_steps=...)``.
+    """Linear warm-up from 0 to ``peak`` over ``warmup_ratio`` of the steps (rounded, at least one: the first
+    update's rate is always 0), then linear decay to zero at ``total_steps``: the recipe's schedule, for
+    :func:`adapter_optimizer` ``(total_steps=...)``.
 
     >>> rates = warmup_linear_decay(1.0, total_steps=10, warmup_ratio=0.2)
     >>> [round(float(rates(step)), 3) for step in (0, 1, 2, 6, 10)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
 
     Raises:
-      ValueError: ``total_steps`` is not a positive int or ``warmup_ratio`` is outside ``[0, 1)``.
+      ValueError: ``total_steps`` is not a positive integer or ``warmup_ratio`` is outside ``[0, 1)``.
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
     if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, int | float) or not 0 <= warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be a number in [0, 1), got {warmup_ratio!r}")
@@ -82,38 +85,6 @@ def _labels(label_of: Callable[[str], str]) -> Callable[[Params], Any]:
 
 def _adamw(learning_rate: ScalarOrSchedule, weight_decay: float, b1: float, b2: float, eps: float):
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-
-
-def _trainable_transform(
-    adapted: AdaptedModel,
-    adapter_learning_rate: ScalarOrSchedule | None,
-    head_learning_rate: ScalarOrSchedule | None,
-    weight_decay: float,
-    max_grad_norm: float | None,
-    b1: float,
-    b2: float,
-    eps: float,
-    total_steps: int | None,
-    warmup_ratio: float,
-) -> optax.GradientTransformation:
-    if adapter_learning_rate is None:
-        adapter_learning_rate = adapted.method.learning_rate
-    head_lr = adapter_learning_rate if head_learning_rate is None else head_learning_rate
-    if total_steps is not None:
-        if callable(adapter_learning_rate) or callable(head_lr):
-            raise ValueError("total_steps schedules peak rates: give numbers as the rates, not schedules")
-        adapter_learning_rate = warmup_linear_decay(adapter_learning_rate, total_steps, warmup_ratio)
-        head_lr = warmup_linear_decay(head_lr, total_steps, warmup_ratio)
-    groups = optax.partition(
-        {
-            "adapter": _adamw(adapter_learning_rate, weight_decay, b1, b2, eps),
-            "head": _adamw(head_lr, weight_decay, b1, b2, eps),
-        },
-        _labels(lambda path: "adapter" if adapted.is_adapter_leaf(path) else "head"),
-    )
-    if max_grad_norm is None:
-        return groups
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), groups)
 
 
 def adapter_optimizer(
@@ -164,18 +135,24 @@ def adapter_optimizer(
         tx = adapter_optimizer(adapted, total_steps=1000)  # 5e-3 for CDVFT and head, 6% warm-up
         state = init_train_state(trainable, tx)
     """
-    return _trainable_transform(
-        adapted,
-        adapter_learning_rate,
-        head_learning_rate,
-        weight_decay,
-        max_grad_norm,
-        b1,
-        b2,
-        eps,
-        total_steps,
-        warmup_ratio,
+    if adapter_learning_rate is None:
+        adapter_learning_rate = adapted.method.learning_rate
+    head_lr = adapter_learning_rate if head_learning_rate is None else head_learning_rate
+    if total_steps is not None:
+        if callable(adapter_learning_rate) or callable(head_lr):
+            raise ValueError("total_steps schedules peak rates: give numbers as the rates, not schedules")
+        adapter_learning_rate = warmup_linear_decay(adapter_learning_rate, total_steps, warmup_ratio)
+        head_lr = warmup_linear_decay(head_lr, total_steps, warmup_ratio)
+    groups = optax.partition(
+        {
+            "adapter": _adamw(adapter_learning_rate, weight_decay, b1, b2, eps),
+            "head": _adamw(head_lr, weight_decay, b1, b2, eps),
+        },
+        _labels(lambda path: "adapter" if adapted.is_adapter_leaf(path) else "head"),
     )
+    if max_grad_norm is None:
+        return groups
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), groups)
 
 
 def single_tree_optimizer(
@@ -198,17 +175,17 @@ def single_tree_optimizer(
     prune every frozen weight gradient.  Still prefer split trees: they never
     ask for those gradients in the first place.
     """
-    trainable = _trainable_transform(
+    trainable = adapter_optimizer(
         adapted,
-        adapter_learning_rate,
-        head_learning_rate,
-        weight_decay,
-        max_grad_norm,
-        b1,
-        b2,
-        eps,
-        total_steps,
-        warmup_ratio,
+        adapter_learning_rate=adapter_learning_rate,
+        head_learning_rate=head_learning_rate,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        total_steps=total_steps,
+        warmup_ratio=warmup_ratio,
     )
     return optax.partition(
         {"trainable": trainable, "frozen": optax.set_to_zero()},

@@ -54,7 +54,9 @@ def test_adapter_and_head_get_their_own_learning_rates(setup):
 
 def test_single_tree_optimizer_matches_split_trees_and_keeps_frozen_leaves(setup):
     _, adapted, params, batch, loss_fn, _ = setup
-    kwargs = dict(adapter_learning_rate=5e-2, head_learning_rate=5e-3, weight_decay=0.01, max_grad_norm=0.5)
+    kwargs = dict(
+        adapter_learning_rate=5e-2, head_learning_rate=5e-3, weight_decay=0.01, max_grad_norm=0.5, total_steps=4
+    )
     trainable, frozen = adapted.split(params)
     split_opt = cdvft_jax.adapter_optimizer(adapted, **kwargs)
     split_state = cdvft_jax.init_train_state(trainable, split_opt)
@@ -196,8 +198,12 @@ def test_the_schedule_warms_up_linearly_then_decays_linearly_to_zero():
     expected = {0: 0.0, 3: peak / 2, 6: peak, 53: peak / 2, 99: peak / 94, 100: 0.0}
     for step, rate in expected.items():
         assert float(rates(step)) == pytest.approx(rate, rel=1e-6, abs=1e-12), step
-    # Without warm-up the first step is at the peak (one step is the minimum the schedule takes).
+    # Without warm-up the second update is at the peak (one warm-up step, the first update's rate 0, is the minimum).
     assert float(cdvft_jax.warmup_linear_decay(peak, total, warmup_ratio=0.0)(1)) == pytest.approx(peak, rel=1e-6)
+    # 6% of 30 steps is 1.8, rounded to 2 warm-up steps (neither truncated to 1 nor rounded up from 1.2).
+    assert float(cdvft_jax.warmup_linear_decay(peak, 30)(1)) == pytest.approx(peak / 2, rel=1e-6)
+    assert float(cdvft_jax.warmup_linear_decay(peak, 20)(1)) == pytest.approx(peak, rel=1e-6)  # 1.2 -> 1
+    assert float(cdvft_jax.warmup_linear_decay(peak, np.int64(30))(2)) == pytest.approx(peak, rel=1e-6)
     for total_steps, ratio in [(0, 0.06), (10.0, 0.06), (10, 1.0), (10, -0.1)]:
         with pytest.raises(ValueError):
             cdvft_jax.warmup_linear_decay(peak, total_steps, ratio)
@@ -230,7 +236,9 @@ def test_total_steps_schedules_both_groups_with_the_recipe(setup):
             )
 
 
-def test_total_steps_refuses_a_schedule_as_a_rate(setup):
+@pytest.mark.parametrize("rate", ["adapter_learning_rate", "head_learning_rate"])
+@pytest.mark.parametrize("optimizer", [cdvft_jax.adapter_optimizer, cdvft_jax.single_tree_optimizer])
+def test_total_steps_refuses_a_schedule_as_a_rate(setup, optimizer, rate):
     _, adapted, _, _, _, _ = setup
     with pytest.raises(ValueError, match="give numbers"):
-        cdvft_jax.adapter_optimizer(adapted, adapter_learning_rate=optax.constant_schedule(1e-3), total_steps=10)
+        optimizer(adapted, **{rate: optax.constant_schedule(1e-3)}, total_steps=10)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
 import cdvft_jax
@@ -470,7 +471,7 @@ def setup_method(
     (``frozen_dtype``: the dtype the frozen base weights are stored in, ``None`` as loaded)."""
     peak = default_learning_rate(name) if settings.learning_rate is None else settings.learning_rate
 
-    def scheduled(rate: float) -> Any:
+    def scheduled(rate: float) -> optax.Schedule:
         return cdvft_jax.warmup_linear_decay(rate, total_steps, settings.warmup_ratio)
 
     return build_method(
